@@ -1,0 +1,63 @@
+"""The `ls-rlhf` command: one subcommand per job, each defined in its own module.
+
+Each module in COMMANDS has `register(subparsers)`, which adds its parser and sets
+`func(args) -> int` on it. Errors that the user can fix are raised as `UserError`
+(or the library's own ...Error types) and printed as one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from training.label_config import LabelConfigError
+from training.models import ModelNotFoundError
+from training.registry import RegistryError
+from training.settings import SettingsError
+
+# Modules under ml_backend.commands, in the order `--help` lists them.
+COMMANDS = ["serve"]
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line."""
+
+
+USER_ERRORS = (UserError, SettingsError, LabelConfigError, ModelNotFoundError, RegistryError, FileNotFoundError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ls-rlhf",
+        description="RLHF with Label Studio: generate completions into tasks, serve pre-annotations, "
+        "pull annotations, train reward models and policies. Settings come from LS_RLHF_* "
+        "environment variables (`ls-rlhf settings` lists them); flags override them.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"ml_backend.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as err:
+        print(f"ls-rlhf {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

