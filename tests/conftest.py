@@ -1,0 +1,116 @@
+"""Shared fixtures: tiny real models, a real Label Studio server, projects, settings.
+
+One Label Studio runs per test session (its own venv, loopback only); every test gets a
+fresh project. The migrated data folder is made once per machine and copied per session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import build_tiny_policy, build_tiny_reward_backbone  # noqa: E402
+
+from ml_backend.studio import LABEL_STUDIO_VERSION, LabelStudioServer, LabelStudioStartError, find_label_studio  # noqa: E402
+from training.settings import Settings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+FINEGRAINED = SHARED_DATA / "finegrainedrlhf" / "qa_feedback_dev.json"
+OUTPUT = ROOT / "test-output"
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory) -> Path:
+    return build_tiny_policy(tmp_path_factory.mktemp("tiny-policy"))
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_backbone_dir(tmp_path_factory) -> Path:
+    return build_tiny_reward_backbone(tmp_path_factory.mktemp("tiny-reward"))
+
+
+@pytest.fixture
+def settings(tmp_path, tiny_policy_dir, tiny_reward_backbone_dir) -> Settings:
+    """Settings on tiny models with a fresh home (registry, state) per test."""
+    return Settings(
+        home=tmp_path / "home",
+        policy_model=str(tiny_policy_dir),
+        reward_backbone=str(tiny_reward_backbone_dir),
+        max_new_tokens=8,
+        num_completions=2,
+        temperature=1.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def finegrained_path() -> Path:
+    if not FINEGRAINED.is_file():
+        pytest.skip(f"real preference data not found at {FINEGRAINED} (it lives in ../shared beside the project)")
+    return FINEGRAINED
+
+
+@pytest.fixture
+def output_dir(request) -> Path:
+    """test-output/<test name>/: screenshots, plots and reports a person may look at."""
+    folder = OUTPUT / request.node.name.replace("/", "_").replace("[", "-").replace("]", "")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _label_studio_executable() -> Path:
+    try:
+        return find_label_studio()
+    except LabelStudioStartError as err:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"Label Studio is not installed here ({err})")
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory) -> LabelStudioServer:
+    """A real Label Studio on 127.0.0.1 for the whole session."""
+    exe = _label_studio_executable()
+    template = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ls-rlhf-test" / f"label-studio-{LABEL_STUDIO_VERSION}"
+    if not (template / "label_studio.sqlite3").is_file():
+        shutil.rmtree(template, ignore_errors=True)
+        LabelStudioServer(data_dir=template, executable=exe).init_data_dir()
+    data_dir = tmp_path_factory.mktemp("label-studio")
+    shutil.copytree(template, data_dir, dirs_exist_ok=True)
+    server = LabelStudioServer(data_dir=data_dir, executable=exe).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ls_client(label_studio):
+    from label_studio_sdk import LabelStudio
+
+    return LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+
+
+@pytest.fixture
+def make_project(ls_client, request):
+    """make_project(config_name_or_xml) -> project; deleted after the test."""
+    import label_configs
+
+    created = []
+
+    def make(config: str = "pairwise", title: str | None = None):
+        xml = config if config.lstrip().startswith("<") else label_configs.load(config)
+        project = ls_client.projects.create(title=title or f"test {request.node.name}"[:50], label_config=xml)
+        created.append(project.id)
+        return project
+
+    yield make
+    for pid in created:
+        try:
+            ls_client.projects.delete(id=pid)
+        except Exception:  # noqa: BLE001 - cleanup must not mask the test's own result
+            pass
