@@ -1,7 +1,8 @@
 """The `ls-rlhf` command: one subcommand per job, each defined in its own module.
 
-Each module in COMMANDS has `register(subparsers)`, which adds its parser and sets
-`func(args) -> int` on it. Errors that the user can fix are raised as `UserError`
+Every module in `ml_backend/commands/` is a command: it has `register(subparsers)`,
+which adds its parser and sets `func(args) -> int` on it. Modules named `train_*` and
+`eval_*` register under `ls-rlhf train` and `ls-rlhf eval`. Errors that the user can fix are raised as `UserError`
 (or the library's own ...Error types) and printed as one line, never a traceback.
 """
 
@@ -10,15 +11,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import pkgutil
 import sys
+
+from ml_backend import commands
 
 from training.label_config import LabelConfigError
 from training.models import ModelNotFoundError
 from training.registry import RegistryError
 from training.settings import SettingsError
 
-# Modules under ml_backend.commands, in the order `--help` lists them.
-COMMANDS = ["serve"]
 
 
 class UserError(Exception):
@@ -37,8 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        importlib.import_module(f"ml_backend.commands.{name}").register(sub)
+    groups = {
+        "train": sub.add_parser("train", help="train a reward model or the policy; a new version in the registry")
+        .add_subparsers(dest="what", metavar="WHAT", required=True),
+        "eval": sub.add_parser("eval", help="evaluate a policy or reward version")
+        .add_subparsers(dest="what", metavar="WHAT", required=True),
+    }
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"ml_backend.commands.{info.name}")
+        group = info.name.split("_", 1)[0]
+        module.register(groups.get(group, sub))
     return parser
 
 

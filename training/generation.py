@@ -1,0 +1,68 @@
+"""Batched generation of K completions per prompt.
+
+All prompts of a call are padded on the left and sampled in batches of
+`batch_size * num_completions` sequences: on a CPU one batched call is 4-8x faster than
+one call per prompt (see bench/generate.py). Prompts are rendered with the tokenizer's
+chat template when it has one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The text the policy sees for a user prompt: its chat template, if it has one."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
+
+
+@torch.inference_mode()
+def generate_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    num_completions: int = 2,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    batch_size: int = 16,
+    seed: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[list[str]]:
+    """`num_completions` completions for each prompt, in prompt order.
+
+    `on_batch(n)` is called after each batch with the number of prompts done, for
+    progress reporting.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    tokenizer.padding_side = "left"
+    sampling = temperature > 0
+    results: list[list[str]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [render_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+        inputs = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling,
+            temperature=temperature if sampling else None,
+            top_p=top_p if sampling else None,
+            top_k=None,
+            num_return_sequences=num_completions,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        for i in range(len(chunk)):
+            results.append([t.strip() for t in texts[i * num_completions : (i + 1) * num_completions]])
+        if on_batch:
+            on_batch(len(results))
+    return results
