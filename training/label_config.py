@@ -6,7 +6,7 @@ Tags are found by type, not by name, so users may rename them:
 * answers: the Text tags a Pairwise/Rating/critique TextArea points at, or the List a
   Ranker points at (its items are `{"id", "title", "body"}`);
 * controls: Pairwise, Ranker (with optional Buckets), Choices between answers, Rating per
-  answer and criterion, a TextArea for demonstrations, critiques or rewrites, and an
+  answer and criterion, Choices on an answer that flag it ("biased", "unsafe"), a TextArea for demonstrations, critiques or rewrites, and an
   optional read-only TextArea whose name starts with "reward" where the backend writes
   the reward of each answer for the annotator to see.
 
@@ -49,6 +49,7 @@ class Schema:
     choices: str | None = None  # Choices whose values name answers ("answer1", ...)
     choice_values: dict[str, str] = field(default_factory=dict)  # choice value -> answer tag
     ratings: tuple[Rating, ...] = ()
+    flags: tuple[tuple[str, str], ...] = ()  # (Choices name, answer tag): "biased", "unsafe" per answer
     answer_box: str | None = None  # demonstration: TextArea the model pre-fills
     critique: str | None = None  # TextArea of written feedback
     refinement: str | None = None  # TextArea of a rewritten answer
@@ -166,6 +167,12 @@ def read_schema(config_xml: str) -> Schema:
             "(see label_configs/ for complete examples)"
         )
 
+    extra["flags"] = tuple(
+        (el.get("name"), target)
+        for el in choices
+        for target in targets(el)[:1]
+        if target in answer_tags or target == extra.get("list_tag")
+    )
     for el in choices:
         values = {c.get("value"): c.get("value") for c in el.iter("Choice") if c.get("value")}
         mapped = {v: v for v in values if v in answer_tags}
