@@ -15,5 +15,7 @@ def load(name: str) -> str:
     if path.suffix == ".xml" and path.is_file():
         return path.read_text()
     if name not in NAMES:
-        raise ValueError(f"no label config {name!r}; choose one of {', '.join(NAMES)} or pass an .xml file")
+        raise ValueError(
+            f"no label config {name!r}; choose one of {', '.join(NAMES)} or pass an .xml file"
+        )
     return (FOLDER / f"{name}.xml").read_text()

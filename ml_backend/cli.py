@@ -15,19 +15,24 @@ import pkgutil
 import sys
 
 from ml_backend import commands
-
 from training.label_config import LabelConfigError
 from training.models import ModelNotFoundError
 from training.registry import RegistryError
 from training.settings import SettingsError
 
 
-
 class UserError(Exception):
     """A mistake the user can fix; printed as one line."""
 
 
-USER_ERRORS = (UserError, SettingsError, LabelConfigError, ModelNotFoundError, RegistryError, FileNotFoundError)
+USER_ERRORS = (
+    UserError,
+    SettingsError,
+    LabelConfigError,
+    ModelNotFoundError,
+    RegistryError,
+    FileNotFoundError,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,10 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups = {
-        "train": sub.add_parser("train", help="train a reward model or the policy; a new version in the registry")
-        .add_subparsers(dest="what", metavar="WHAT", required=True),
-        "eval": sub.add_parser("eval", help="evaluate a policy or reward version")
-        .add_subparsers(dest="what", metavar="WHAT", required=True),
+        "train": sub.add_parser(
+            "train", help="train a reward model or the policy; a new version in the registry"
+        ).add_subparsers(dest="what", metavar="WHAT", required=True),
+        "eval": sub.add_parser("eval", help="evaluate a policy or reward version").add_subparsers(
+            dest="what", metavar="WHAT", required=True
+        ),
     }
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"ml_backend.commands.{info.name}")

@@ -36,8 +36,12 @@ def free_port() -> int:
 
 def find_label_studio(venv: str | os.PathLike[str] | None = None) -> Path:
     """The `label-studio` executable: in `venv`, $LS_RLHF_LABEL_STUDIO_VENV, ./.venv-ls or PATH."""
-    candidates = [venv, os.environ.get("LS_RLHF_LABEL_STUDIO_VENV"), Path.cwd() / ".venv-ls",
-                  Path(__file__).resolve().parents[1] / ".venv-ls"]
+    candidates = [
+        venv,
+        os.environ.get("LS_RLHF_LABEL_STUDIO_VENV"),
+        Path.cwd() / ".venv-ls",
+        Path(__file__).resolve().parents[1] / ".venv-ls",
+    ]
     for folder in candidates:
         if folder and (Path(folder) / "bin" / "label-studio").is_file():
             return Path(folder) / "bin" / "label-studio"
@@ -70,9 +74,13 @@ class LabelStudioServer:
         return Path(self.data_dir) / "label-studio.log"
 
     def environment(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               # Label Studio reads plain USERNAME, PORT, ... as its own settings.
-               if k not in ("USERNAME", "PASSWORD", "HOST", "PORT", "DEBUG") and not k.startswith("LS_RLHF_")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            # Label Studio reads plain USERNAME, PORT, ... as its own settings.
+            if k not in ("USERNAME", "PASSWORD", "HOST", "PORT", "DEBUG")
+            and not k.startswith("LS_RLHF_")
+        }
         env.update(
             LABEL_STUDIO_USERNAME=self.username,
             LABEL_STUDIO_PASSWORD=self.password,
@@ -97,7 +105,11 @@ class LabelStudioServer:
         with open(self.log_path, "ab") as out:
             subprocess.run(
                 [str(exe), "init", "--no-browser", "-q", "--data-dir", str(self.data_dir)],
-                env=self.environment(), stdout=out, stderr=subprocess.STDOUT, check=True, timeout=600,
+                env=self.environment(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=True,
+                timeout=600,
             )
 
     def start(self, timeout: float = 180.0) -> LabelStudioServer:
@@ -105,16 +117,35 @@ class LabelStudioServer:
         Path(self.data_dir).mkdir(parents=True, exist_ok=True)
         out = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
         self.process = subprocess.Popen(
-            [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1",
-             "--port", str(self.port), "--data-dir", str(self.data_dir),
-             "--username", self.username, "--password", self.password,
-             "--user-token", self.token, "--enable-legacy-api-token"],
-            env=self.environment(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(exe),
+                "start",
+                "--no-browser",
+                "--internal-host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+                "--username",
+                self.username,
+                "--password",
+                self.password,
+                "--user-token",
+                self.token,
+                "--enable-legacy-api-token",
+            ],
+            env=self.environment(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise LabelStudioStartError(f"Label Studio exited with {self.process.returncode}; see {self.log_path}")
+                raise LabelStudioStartError(
+                    f"Label Studio exited with {self.process.returncode}; see {self.log_path}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
                     if b"UP" in response.read():
@@ -124,7 +155,9 @@ class LabelStudioServer:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise LabelStudioStartError(f"Label Studio did not answer /health in {timeout:.0f} s; see {self.log_path}")
+        raise LabelStudioStartError(
+            f"Label Studio did not answer /health in {timeout:.0f} s; see {self.log_path}"
+        )
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

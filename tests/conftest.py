@@ -17,7 +17,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import build_tiny_policy, build_tiny_reward_backbone  # noqa: E402
 
-from ml_backend.studio import LABEL_STUDIO_VERSION, LabelStudioServer, LabelStudioStartError, find_label_studio  # noqa: E402
+from ml_backend.studio import (
+    LABEL_STUDIO_VERSION,
+    LabelStudioServer,
+    LabelStudioStartError,
+    find_label_studio,
+)  # noqa: E402
 from training.settings import Settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +57,9 @@ def settings(tmp_path, tiny_policy_dir, tiny_reward_backbone_dir) -> Settings:
 @pytest.fixture(scope="session")
 def finegrained_path() -> Path:
     if not FINEGRAINED.is_file():
-        pytest.skip(f"real preference data not found at {FINEGRAINED} (it lives in ../shared beside the project)")
+        pytest.skip(
+            f"real preference data not found at {FINEGRAINED} (it lives in ../shared beside the project)"
+        )
     return FINEGRAINED
 
 
@@ -77,7 +84,11 @@ def _label_studio_executable() -> Path:
 def label_studio(tmp_path_factory) -> LabelStudioServer:
     """A real Label Studio on 127.0.0.1 for the whole session."""
     exe = _label_studio_executable()
-    template = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ls-rlhf-test" / f"label-studio-{LABEL_STUDIO_VERSION}"
+    template = (
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        / "ls-rlhf-test"
+        / f"label-studio-{LABEL_STUDIO_VERSION}"
+    )
     if not (template / "label_studio.sqlite3").is_file():
         shutil.rmtree(template, ignore_errors=True)
         LabelStudioServer(data_dir=template, executable=exe).init_data_dir()
@@ -104,7 +115,9 @@ def make_project(ls_client, request):
 
     def make(config: str = "pairwise", title: str | None = None):
         xml = config if config.lstrip().startswith("<") else label_configs.load(config)
-        project = ls_client.projects.create(title=title or f"test {request.node.name}"[:50], label_config=xml)
+        project = ls_client.projects.create(
+            title=title or f"test {request.node.name}"[:50], label_config=xml
+        )
         created.append(project.id)
         return project
 

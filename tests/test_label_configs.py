@@ -32,8 +32,17 @@ def test_config_parses_with_the_sdk_and_has_its_roles(name):
     assert schema.prompt_field == "prompt"
     # Every tag the schema names exists in the SDK's view of the config.
     names = {c.name for c in interface.controls} | {o.name for o in interface.objects}
-    for tag in [schema.prompt_tag, *schema.answer_tags, schema.pairwise, schema.ranker, schema.list_tag,
-                schema.answer_box, schema.critique, schema.refinement, schema.reward_display]:
+    for tag in [
+        schema.prompt_tag,
+        *schema.answer_tags,
+        schema.pairwise,
+        schema.ranker,
+        schema.list_tag,
+        schema.answer_box,
+        schema.critique,
+        schema.refinement,
+        schema.reward_display,
+    ]:
         assert tag is None or tag in names
 
 
@@ -41,16 +50,25 @@ def test_renamed_tags_are_found_by_type():
     xml = """<View><Text name="q" value="$question"/><Text name="left" value="$a"/>
     <Text name="right" value="$b"/><Pairwise name="pick" toName="left,right"/></View>"""
     schema = read_schema(xml)
-    assert (schema.prompt_field, schema.answer_fields, schema.pairwise) == ("question", ("a", "b"), "pick")
+    assert (schema.prompt_field, schema.answer_fields, schema.pairwise) == (
+        "question",
+        ("a", "b"),
+        "pick",
+    )
 
 
 @pytest.mark.parametrize(
     ("xml", "message"),
     [
         ("<View><Text name='prompt' value='$prompt'/></View>", "no RLHF control"),
-        ("<View><Text name='a' value='$a'/><Text name='b' value='$b'/><Pairwise name='p' toName='a,b'/></View>",
-         "no Text tag for the prompt"),
-        ("<View><Text name='prompt' value='$prompt'/><Ranker name='r' toName='prompt'/></View>", "<List>"),
+        (
+            "<View><Text name='a' value='$a'/><Text name='b' value='$b'/><Pairwise name='p' toName='a,b'/></View>",
+            "no Text tag for the prompt",
+        ),
+        (
+            "<View><Text name='prompt' value='$prompt'/><Ranker name='r' toName='prompt'/></View>",
+            "<List>",
+        ),
         ("<View><Text name='prompt' value='$prompt'", "not valid XML"),
     ],
 )

@@ -48,7 +48,9 @@ def generate_completions(
     results: list[list[str]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = [render_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-        inputs = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        inputs = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(
+            model.device
+        )
         output = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
@@ -62,7 +64,9 @@ def generate_completions(
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for i in range(len(chunk)):
-            results.append([t.strip() for t in texts[i * num_completions : (i + 1) * num_completions]])
+            results.append(
+                [t.strip() for t in texts[i * num_completions : (i + 1) * num_completions]]
+            )
         if on_batch:
             on_batch(len(results))
     return results

@@ -49,7 +49,9 @@ class Schema:
     choices: str | None = None  # Choices whose values name answers ("answer1", ...)
     choice_values: dict[str, str] = field(default_factory=dict)  # choice value -> answer tag
     ratings: tuple[Rating, ...] = ()
-    flags: tuple[tuple[str, str], ...] = ()  # (Choices name, answer tag): "biased", "unsafe" per answer
+    flags: tuple[
+        tuple[str, str], ...
+    ] = ()  # (Choices name, answer tag): "biased", "unsafe" per answer
     answer_box: str | None = None  # demonstration: TextArea the model pre-fills
     critique: str | None = None  # TextArea of written feedback
     refinement: str | None = None  # TextArea of a rewritten answer
@@ -90,7 +92,7 @@ def read_schema(config_xml: str) -> Schema:
         value = el.get("value") or ""
         if not value.startswith("$"):
             raise LabelConfigError(
-                f"<{el.tag} name=\"{el.get('name')}\"> must read a task field, e.g. value=\"$prompt\""
+                f'<{el.tag} name="{el.get("name")}"> must read a task field, e.g. value="$prompt"'
             )
         return value[1:]
 
@@ -109,8 +111,8 @@ def read_schema(config_xml: str) -> Schema:
         answer_tags = targets(pairwise[0])
         if len(answer_tags) != 2 or any(t not in texts for t in answer_tags):
             raise LabelConfigError(
-                f"<Pairwise name=\"{pairwise[0].get('name')}\"> needs toName with two Text tags, "
-                f"e.g. toName=\"answer1,answer2\"; it has {pairwise[0].get('toName')!r}"
+                f'<Pairwise name="{pairwise[0].get("name")}"> needs toName with two Text tags, '
+                f'e.g. toName="answer1,answer2"; it has {pairwise[0].get("toName")!r}'
             )
         extra["pairwise"] = pairwise[0].get("name")
     elif rankers:
@@ -119,8 +121,8 @@ def read_schema(config_xml: str) -> Schema:
         list_tag = next((t for t in targets(ranker) if t in lists), None)
         if list_tag is None:
             raise LabelConfigError(
-                f"<Ranker name=\"{ranker.get('name')}\"> must point at a <List> tag "
-                f"(e.g. <List name=\"answers\" value=\"$items\" title=\"Answers\"/>), "
+                f'<Ranker name="{ranker.get("name")}"> must point at a <List> tag '
+                f'(e.g. <List name="answers" value="$items" title="Answers"/>), '
                 f"not {ranker.get('toName')!r}"
             )
         extra.update(
@@ -136,7 +138,7 @@ def read_schema(config_xml: str) -> Schema:
             target = next((t for t in targets(el) if t in texts), None)
             if target is None:
                 raise LabelConfigError(
-                    f"<Rating name=\"{el.get('name')}\"> must point at the Text tag of the answer it rates"
+                    f'<Rating name="{el.get("name")}"> must point at the Text tag of the answer it rates'
                 )
             if target not in answer_tags:
                 answer_tags.append(target)
@@ -144,7 +146,9 @@ def read_schema(config_xml: str) -> Schema:
         extra["ratings"] = tuple(found)
     elif textareas:
         targets_of_areas = {t for el in textareas for t in targets(el)}
-        answer_candidates = [t for t in targets_of_areas if t in texts and not _looks_like_prompt(texts[t])]
+        answer_candidates = [
+            t for t in targets_of_areas if t in texts and not _looks_like_prompt(texts[t])
+        ]
         if answer_candidates and len(texts) >= 2:
             kind = "critique"
             answer_tags = answer_candidates[:1]
@@ -187,9 +191,11 @@ def read_schema(config_xml: str) -> Schema:
     prompt_candidates = [n for n in texts if n not in answer_tags]
     if not prompt_candidates:
         raise LabelConfigError(
-            "the label config has no Text tag for the prompt: add <Text name=\"prompt\" value=\"$prompt\"/>"
+            'the label config has no Text tag for the prompt: add <Text name="prompt" value="$prompt"/>'
         )
-    prompt_tag = next((n for n in prompt_candidates if _looks_like_prompt(texts[n])), prompt_candidates[0])
+    prompt_tag = next(
+        (n for n in prompt_candidates if _looks_like_prompt(texts[n])), prompt_candidates[0]
+    )
     return Schema(
         kind=kind,
         prompt_tag=prompt_tag,

@@ -81,7 +81,9 @@ def default_policy_path(cache_dir: str | os.PathLike[str]) -> Path:
 def _convert_gguf(gguf: Path, target: Path) -> None:
     log.info("converting %s into an HF folder at %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     config = loaded.config
     # A GGUF-loaded model refuses save_pretrained: rebuild the same architecture unquantized.
     if hasattr(config, "quantization_config"):
@@ -122,7 +124,9 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left") -> PreTrainedT
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_causal_lm(
+    name_or_path: str, dtype: str = "float32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer (left padding, for batched generation)."""
     tokenizer = load_tokenizer(name_or_path, padding_side="left")
     try:
@@ -141,7 +145,9 @@ def load_sequence_classifier(
     """A sequence classifier (a reward model has num_labels=1) and its tokenizer."""
     tokenizer = load_tokenizer(name_or_path, padding_side="right")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=num_labels
+        )
     except OSError as err:
         raise ModelNotFoundError(_not_found(name_or_path, err)) from err
     if model.config.pad_token_id is None:

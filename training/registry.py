@@ -100,9 +100,15 @@ class Registry:
     ) -> Version:
         """Move a staged folder into place as the next version, with its metadata."""
         folder = self._kind_dir(kind)
-        metadata = {**metadata, "kind": kind, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        metadata = {
+            **metadata,
+            "kind": kind,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         while True:
-            number = 1 + max((int(_NAME.match(v.name).group(1)) for v in self.versions(kind)), default=0)
+            number = 1 + max(
+                (int(_NAME.match(v.name).group(1)) for v in self.versions(kind)), default=0
+            )
             name = f"v{number}"
             metadata["version"] = name
             _write_json(staged / "metadata.json", metadata)

@@ -82,7 +82,8 @@ class Settings:
     )
     seed: int = field(default=0, metadata={"help": "Random seed for sampling and training."})
     basic_auth_user: str = field(
-        default="", metadata={"help": "If set with the password, every route needs HTTP Basic auth."}
+        default="",
+        metadata={"help": "If set with the password, every route needs HTTP Basic auth."},
     )
     basic_auth_password: str = field(default="", metadata={"help": "HTTP Basic auth password."})
     webhook_secret: str = field(
@@ -94,7 +95,9 @@ class Settings:
     )
     train_every: int = field(
         default=50,
-        metadata={"help": "New annotations since the last training that trigger a new one (0 = only the button)."},
+        metadata={
+            "help": "New annotations since the last training that trigger a new one (0 = only the button)."
+        },
     )
     train_policy: str = field(
         default="none",
@@ -102,7 +105,9 @@ class Settings:
     )
     redis_url: str = field(
         default="",
-        metadata={"help": "If set, training jobs go to an RQ queue on this Redis; run `ls-rlhf worker`."},
+        metadata={
+            "help": "If set, training jobs go to an RQ queue on this Redis; run `ls-rlhf worker`."
+        },
     )
 
     @classmethod
@@ -128,11 +133,17 @@ class Settings:
 
     def validate(self) -> None:
         if self.num_completions < 1:
-            raise SettingsError(f"{ENV_PREFIX}NUM_COMPLETIONS must be at least 1, not {self.num_completions}")
+            raise SettingsError(
+                f"{ENV_PREFIX}NUM_COMPLETIONS must be at least 1, not {self.num_completions}"
+            )
         if self.max_new_tokens < 1:
-            raise SettingsError(f"{ENV_PREFIX}MAX_NEW_TOKENS must be at least 1, not {self.max_new_tokens}")
+            raise SettingsError(
+                f"{ENV_PREFIX}MAX_NEW_TOKENS must be at least 1, not {self.max_new_tokens}"
+            )
         if self.dtype not in ("float32", "bfloat16"):
-            raise SettingsError(f"{ENV_PREFIX}DTYPE must be float32 or bfloat16, not {self.dtype!r}")
+            raise SettingsError(
+                f"{ENV_PREFIX}DTYPE must be float32 or bfloat16, not {self.dtype!r}"
+            )
         if self.train_policy not in ("none", "ppo", "dpo", "sft"):
             raise SettingsError(
                 f"{ENV_PREFIX}TRAIN_POLICY must be one of none, ppo, dpo, sft, not {self.train_policy!r}"

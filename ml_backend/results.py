@@ -1,0 +1,185 @@
+"""Turn completions and reward scores into Label Studio prediction results.
+
+One function per control tag, all driven by the project's `Schema`, so renamed tags
+work. The prediction `score` is what Label Studio's uncertainty sampling sorts by
+(lowest first), so it is the model's probability of being right about its suggestion:
+
+* pairwise: the Bradley-Terry probability sigmoid(r_chosen - r_other) of the suggested
+  choice (0.5 = a coin flip; those tasks are shown first);
+* ranking: the probability of the least certain adjacent pair in the suggested order,
+  i.e. min_i sigmoid(r_(i) - r_(i+1)): a ranking is as uncertain as its closest call;
+* demonstration: no score (the draft is a starting point, not a judgment).
+
+Without a trained reward model there is no suggested choice or ranking and no score:
+nothing is made up, and the reward box says so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from training.label_config import Schema
+
+
+class TaskDataError(ValueError):
+    """A task lacks what the label config reads; the message names the task and field."""
+
+    def __init__(self, task_id: Any, message: str) -> None:
+        super().__init__(f"task {task_id}: {message}")
+        self.task_id = task_id
+
+
+@dataclass(frozen=True)
+class Answer:
+    key: str  # the tag name (pairwise/rating) or List item id (ranking)
+    text: str
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def task_prompt(task: dict, schema: Schema, max_chars: int) -> str:
+    data = task.get("data") or {}
+    prompt = data.get(schema.prompt_field)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise TaskDataError(
+            task.get("id"),
+            f"has no field {schema.prompt_field!r}; the label config reads ${schema.prompt_field}",
+        )
+    if len(prompt) > max_chars:
+        raise TaskDataError(
+            task.get("id"),
+            f"prompt is {len(prompt)} characters, over the limit of {max_chars} "
+            f"(LS_RLHF_MAX_PROMPT_CHARS); shorten it or raise the limit",
+        )
+    return prompt
+
+
+def task_answers(task: dict, schema: Schema) -> list[Answer]:
+    """The answers a task shows, in display order; empty for demonstration configs."""
+    data = task.get("data") or {}
+    tid = task.get("id")
+    if schema.list_field:
+        items = data.get(schema.list_field)
+        if not isinstance(items, list) or not items:
+            raise TaskDataError(
+                tid,
+                f"has no list {schema.list_field!r} of answers; the label config reads ${schema.list_field} "
+                f'(items like {{"id": "a1", "title": "Answer 1", "body": "..."}}); '
+                f"`ls-rlhf generate` fills it",
+            )
+        answers = []
+        for i, item in enumerate(items):
+            if (
+                not isinstance(item, dict)
+                or "id" not in item
+                or not isinstance(item.get("body"), str)
+            ):
+                raise TaskDataError(
+                    tid, f"item {i} of {schema.list_field!r} needs an 'id' and a text 'body'"
+                )
+            answers.append(Answer(str(item["id"]), item["body"]))
+        return answers
+    answers = []
+    for tag, name in zip(schema.answer_tags, schema.answer_fields, strict=True):
+        text = data.get(name)
+        if not isinstance(text, str):
+            raise TaskDataError(
+                tid,
+                f"has no field {name!r}; the label config reads ${name} (`ls-rlhf generate` fills it)",
+            )
+        answers.append(Answer(tag, text))
+    return answers
+
+
+def reward_text(
+    answers: list[Answer], rewards: list[float], schema: Schema, reward_label: str
+) -> str:
+    if schema.list_field:
+        names = [f"{a.key}" for a in answers]
+    else:
+        names = [f"answer {i + 1}" for i in range(len(answers))]
+    parts = [f"{name}: {reward:+.3f}" for name, reward in zip(names, rewards, strict=True)]
+    return f"Reward ({reward_label}): " + " | ".join(parts)
+
+
+def build_prediction(
+    schema: Schema,
+    answers: list[Answer],
+    rewards: list[float] | None,
+    model_version: str,
+    reward_label: str | None,
+    draft: str | None = None,
+) -> dict[str, Any]:
+    """One prediction item for one task: {"result": [...], "score": p, "model_version": v}."""
+    result: list[dict[str, Any]] = []
+    score: float | None = None
+
+    if schema.answer_box and draft is not None:
+        result.append(_textarea(schema.answer_box, schema.prompt_tag, draft))
+
+    if rewards is not None and len(answers) >= 2:
+        order = sorted(range(len(answers)), key=lambda i: rewards[i], reverse=True)
+        if schema.pairwise:
+            best, other = order[0], order[1]
+            result.append(
+                {
+                    "from_name": schema.pairwise,
+                    "to_name": schema.pairwise,
+                    "type": "pairwise",
+                    "value": {"selected": "left" if best == 0 else "right"},
+                }
+            )
+            score = sigmoid(rewards[best] - rewards[other])
+        elif schema.ranker and schema.list_tag and not schema.buckets:
+            # With buckets (best/bad/biased...) an order says nothing about bucket membership,
+            # so only the rewards are shown.
+            ranked = [answers[i].key for i in order]
+            result.append(
+                {
+                    "from_name": schema.ranker,
+                    "to_name": schema.list_tag,
+                    "type": "ranker",
+                    "value": {"ranker": {schema.ranker: ranked}},
+                }
+            )
+            score = min(
+                sigmoid(rewards[a] - rewards[b]) for a, b in zip(order, order[1:], strict=False)
+            )
+        elif schema.choices and schema.choice_values:
+            best_tag = answers[order[0]].key
+            value = next((v for v, tag in schema.choice_values.items() if tag == best_tag), None)
+            if value is not None:
+                result.append(
+                    {
+                        "from_name": schema.choices,
+                        "to_name": schema.prompt_tag,
+                        "type": "choices",
+                        "value": {"choices": [value]},
+                    }
+                )
+                score = sigmoid(rewards[order[0]] - rewards[order[1]])
+
+    if schema.reward_display:
+        if rewards is not None:
+            text = reward_text(answers, rewards, schema, reward_label or "reward model")
+        else:
+            text = "No reward model yet: the suggestions appear once one is trained on your comparisons."
+        result.append(_textarea(schema.reward_display, schema.prompt_tag, text))
+
+    item: dict[str, Any] = {"result": result, "model_version": model_version}
+    if score is not None:
+        item["score"] = round(score, 6)
+    return item
+
+
+def _textarea(from_name: str, to_name: str, text: str) -> dict[str, Any]:
+    return {
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": "textarea",
+        "value": {"text": [text]},
+    }

@@ -1,0 +1,178 @@
+"""The models a backend process serves, loaded once and swapped atomically.
+
+A process holds one `Served` snapshot: policy, reward model (or none yet) and the model
+version string Label Studio sees. Requests read the snapshot reference once and use it
+throughout, so a swap never mixes two versions inside one request and never drops a
+request in flight. `refresh()` notices a new "current" pointer in the registry (written
+by training, possibly in another process), loads the new models outside any lock, then
+replaces the reference in one assignment.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from training.models import load_causal_lm, resolve_policy
+from training.registry import Registry, Version
+from training.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BASE_POLICY_LABEL = "policy-base"
+NO_REWARD_LABEL = "reward-none"
+
+
+@dataclass(frozen=True)
+class Served:
+    policy: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    policy_version: Version | None
+    reward: Any | None  # training.reward.RewardModel, once one is trained
+    reward_version: Version | None
+    loaded_at: float
+
+    @property
+    def model_version(self) -> str:
+        """What Label Studio stores with each prediction: which models made it."""
+        policy = self.policy_version.label if self.policy_version else BASE_POLICY_LABEL
+        reward = self.reward_version.label if self.reward_version else NO_REWARD_LABEL
+        return f"{policy}+{reward}"
+
+
+def model_version_of(registry: Registry) -> str:
+    """The model version the registry's current pointers name, without loading anything."""
+    policy, reward = registry.current("policy"), registry.current("reward")
+    return f"{policy.label if policy else BASE_POLICY_LABEL}+{reward.label if reward else NO_REWARD_LABEL}"
+
+
+class ModelHolder:
+    """Loads the served models once per process and swaps them when versions change."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = Registry(settings.registry_dir)
+        self._served: Served | None = None
+        self._load_lock = threading.Lock()
+        self._loaded = threading.Event()
+        self.load_error: str | None = None
+        # Torch inference from several request threads at once only thrashes 2 cores:
+        # requests take turns on the model.
+        self.compute_lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self._served is not None
+
+    def start_loading(self) -> None:
+        """Load in a background thread so the server answers /health and /setup at once."""
+        threading.Thread(target=self._initial_load, name="model-loader", daemon=True).start()
+
+    def _initial_load(self) -> None:
+        try:
+            self.refresh()
+        except Exception as err:  # noqa: BLE001 - reported on /health and by get()
+            self.load_error = f"{type(err).__name__}: {err}"
+            log.exception("loading models failed")
+        finally:
+            self._loaded.set()
+
+    def start_watching(self, interval: float = 2.0) -> None:
+        """Poll the registry's pointers and swap models when training promotes a version."""
+
+        def watch() -> None:
+            self._loaded.wait()
+            while True:
+                time.sleep(interval)
+                self.refresh_if_changed()
+
+        threading.Thread(target=watch, name="version-watcher", daemon=True).start()
+
+    def refresh_soon(self) -> None:
+        threading.Thread(target=self.refresh_if_changed, name="model-refresh", daemon=True).start()
+
+    def refresh_if_changed(self) -> bool:
+        try:
+            return self.refresh()
+        except Exception:  # noqa: BLE001 - keep serving the loaded version
+            log.exception("loading the new version failed; still serving the previous one")
+            return False
+
+    @property
+    def model_version(self) -> str:
+        """The version predictions carry now: the loaded snapshot's, else the registry's."""
+        served = self._served
+        return served.model_version if served else model_version_of(self.registry)
+
+    def get(self, timeout: float | None = None) -> Served:
+        """The current snapshot, waiting for the first load if needed."""
+        if self._served is None:
+            if not self._loaded.wait(timeout):
+                raise TimeoutError("models are still loading; try again in a few seconds")
+            if self._served is None:
+                raise RuntimeError(f"models failed to load: {self.load_error}")
+        return self._served
+
+    def wanted_versions(self) -> tuple[Version | None, Version | None]:
+        return self.registry.current("policy"), self.registry.current("reward")
+
+    def refresh(self) -> bool:
+        """Load whatever the registry names as current, if it differs; True if swapped."""
+        with self._load_lock:
+            policy_version, reward_version = self.wanted_versions()
+            served = self._served
+            if (
+                served
+                and _same(served.policy_version, policy_version)
+                and _same(served.reward_version, reward_version)
+            ):
+                return False
+            if served and _same(served.policy_version, policy_version):
+                policy, tokenizer = served.policy, served.tokenizer
+            else:
+                policy, tokenizer = self._load_policy(policy_version)
+            if served and _same(served.reward_version, reward_version):
+                reward = served.reward
+            else:
+                reward = self._load_reward(reward_version)
+            self._served = Served(
+                policy, tokenizer, policy_version, reward, reward_version, time.time()
+            )
+            log.info("serving %s", self._served.model_version)
+            return True
+
+    def _load_policy(
+        self, version: Version | None
+    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        path = (
+            str(version.path)
+            if version
+            else resolve_policy(self.settings.policy_model, self.settings.models_cache_dir)
+        )
+        started = time.perf_counter()
+        model, tokenizer = load_causal_lm(path, dtype=self.settings.dtype)
+        log.info(
+            "loaded policy %s in %.1f s",
+            version.label if version else path,
+            time.perf_counter() - started,
+        )
+        return model, tokenizer
+
+    def _load_reward(self, version: Version | None) -> Any | None:
+        if version is None:
+            return None
+        from training.reward import RewardModel
+
+        started = time.perf_counter()
+        model = RewardModel.load(version.path)
+        log.info("loaded %s in %.1f s", version.label, time.perf_counter() - started)
+        return model
+
+
+def _same(a: Version | None, b: Version | None) -> bool:
+    return (a.name if a else None) == (b.name if b else None)
