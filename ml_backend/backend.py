@@ -57,7 +57,9 @@ class _Prepared:
 
 
 class RLHFBackend:
-    def __init__(self, settings: Settings, holder: ModelHolder, events: EventLog) -> None:
+    def __init__(
+        self, settings: Settings, holder: ModelHolder, events: EventLog | None = None
+    ) -> None:
         self.settings = settings
         self.holder = holder
         self.events = events
@@ -224,6 +226,8 @@ class RLHFBackend:
 
     def fit(self, event: str, data: dict[str, Any]) -> dict[str, Any]:
         """Record the event; training is started by the worker, outside this request."""
+        if self.events is None:
+            raise RuntimeError("this backend has no event log")
         recorded = self.events.record({**data, "action": event})
         with self._stats_lock:
             self.stats["webhook_events"] += 1
