@@ -6,6 +6,7 @@ fresh project. The migrated data folder is made once per machine and copied per 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -23,6 +24,7 @@ from ml_backend.studio import (
     LabelStudioStartError,
     find_label_studio,
 )  # noqa: E402
+from training.registry import Registry  # noqa: E402
 from training.settings import Settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,10 +125,9 @@ def make_project(ls_client, request):
 
     yield make
     for pid in created:
-        try:
+        # Cleanup must not mask the test's own result.
+        with contextlib.suppress(Exception):
             ls_client.projects.delete(id=pid)
-        except Exception:  # noqa: BLE001 - cleanup must not mask the test's own result
-            pass
 
 
 class BackendProcess:
@@ -149,12 +150,17 @@ class BackendProcess:
         out = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
         self.process = subprocess.Popen(
             [str(ROOT / ".venv" / "bin" / "ls-rlhf"), "serve", "--port", str(self.port)],
-            env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"backend exited with {self.process.returncode}; see {self.log_path}")
+                raise RuntimeError(
+                    f"backend exited with {self.process.returncode}; see {self.log_path}"
+                )
             try:
                 health = requests.get(f"{self.url}/health", timeout=2, auth=self.auth).json()
                 if health.get("models") == "loaded":
@@ -202,10 +208,44 @@ def start_backend(tmp_path):
     started = []
 
     def start(settings: Settings) -> BackendProcess:
-        backend = BackendProcess(settings, free_port(), settings_env(settings), tmp_path / f"backend-{len(started)}.log")
+        backend = BackendProcess(
+            settings, free_port(), settings_env(settings), tmp_path / f"backend-{len(started)}.log"
+        )
         started.append(backend)
         return backend.start()
 
     yield start
     for backend in started:
         backend.stop()
+
+
+def add_reward_version(settings, backbone_dir):
+    """A reward version in the registry: the tiny classifier saved as a version folder."""
+    from training.models import load_sequence_classifier
+
+    registry = Registry(settings.registry_dir)
+    model, tokenizer = load_sequence_classifier(str(backbone_dir))
+    with registry.stage("reward") as staged:
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        return registry.commit("reward", staged, {"note": "untrained test version"}, promote=True)
+
+
+@pytest.fixture
+def served(settings, label_studio, start_backend, tiny_reward_backbone_dir, monkeypatch):
+    """A backend with a reward version, configured to reach the session's Label Studio."""
+    settings = settings.replace(
+        label_studio_url=label_studio.url, label_studio_api_key=label_studio.token
+    )
+    version = add_reward_version(settings, tiny_reward_backbone_dir)
+    for key, value in {
+        "LS_RLHF_HOME": str(settings.home),
+        "LS_RLHF_POLICY_MODEL": settings.policy_model,
+        "LS_RLHF_REWARD_BACKBONE": settings.reward_backbone,
+        "LS_RLHF_MAX_NEW_TOKENS": str(settings.max_new_tokens),
+        "LS_RLHF_LABEL_STUDIO_URL": label_studio.url,
+        "LS_RLHF_LABEL_STUDIO_API_KEY": label_studio.token,
+    }.items():
+        monkeypatch.setenv(key, value)
+    backend = start_backend(settings)
+    return backend, f"policy-base+{version.label}"

@@ -6,7 +6,6 @@ import json
 import time
 
 import pytest
-from test_protocol import add_reward_version
 
 import label_configs
 from ml_backend.cli import main as cli
@@ -15,24 +14,6 @@ from training.label_config import read_schema
 pytestmark = pytest.mark.label_studio
 
 PROMPTS = ["What is the capital of France?", "Name a fruit.", "Why is the sky blue?"]
-
-
-@pytest.fixture
-def served(settings, label_studio, start_backend, tiny_reward_backbone_dir, monkeypatch):
-    """A backend with a reward version, configured to reach the session's Label Studio."""
-    settings = settings.replace(label_studio_url=label_studio.url, label_studio_api_key=label_studio.token)
-    version = add_reward_version(settings, tiny_reward_backbone_dir)
-    for key, value in {
-        "LS_RLHF_HOME": str(settings.home),
-        "LS_RLHF_POLICY_MODEL": settings.policy_model,
-        "LS_RLHF_REWARD_BACKBONE": settings.reward_backbone,
-        "LS_RLHF_MAX_NEW_TOKENS": str(settings.max_new_tokens),
-        "LS_RLHF_LABEL_STUDIO_URL": label_studio.url,
-        "LS_RLHF_LABEL_STUDIO_API_KEY": label_studio.token,
-    }.items():
-        monkeypatch.setenv(key, value)
-    backend = start_backend(settings)
-    return backend, f"policy-base+{version.label}"
 
 
 def wait_for_predictions(ls_client, task_ids, timeout=60.0):
@@ -47,7 +28,9 @@ def wait_for_predictions(ls_client, task_ids, timeout=60.0):
 
 
 @pytest.mark.parametrize("config", ["pairwise", "ranking", "rating", "demonstration", "critique"])
-def test_generate_connect_and_retrieve_predictions(config, served, make_project, ls_client, tmp_path):
+def test_generate_connect_and_retrieve_predictions(
+    config, served, make_project, ls_client, tmp_path
+):
     backend, model_version = served
     project = make_project(config)
     schema = read_schema(label_configs.load(config))
@@ -60,17 +43,23 @@ def test_generate_connect_and_retrieve_predictions(config, served, make_project,
     assert sorted(t.data["prompt"] for t in tasks) == sorted(PROMPTS)
     for task in tasks:
         if schema.list_field:
-            assert len(task.data["items"]) >= 2 and all(isinstance(i["body"], str) for i in task.data["items"])
+            assert len(task.data["items"]) >= 2 and all(
+                isinstance(i["body"], str) for i in task.data["items"]
+            )
         for field in schema.answer_fields:
             assert isinstance(task.data[field], str)
 
     # Connect the backend and ask for predictions on tasks imported without any.
-    ml = ls_client.ml.create(project=project.id, url=backend.url, title="ls-rlhf", is_interactive=False)
+    ml = ls_client.ml.create(
+        project=project.id, url=backend.url, title="ls-rlhf", is_interactive=False
+    )
     assert ml.id
     fresh = [{"data": {k: v for k, v in t.data.items() if k != "policy_version"}} for t in tasks]
     imported = ls_client.projects.import_tasks(id=project.id, request=fresh, return_task_ids=True)
     ls_client.actions.create(
-        id="retrieve_tasks_predictions", project=project.id, selected_items={"all": False, "included": imported.task_ids}
+        id="retrieve_tasks_predictions",
+        project=project.id,
+        selected_items={"all": False, "included": imported.task_ids},
     )
     found = wait_for_predictions(ls_client, imported.task_ids)
     for predictions in found.values():
@@ -85,7 +74,9 @@ def test_generate_connect_and_retrieve_predictions(config, served, make_project,
             assert prediction.result[0]["from_name"] == "answer"
     # Label Studio adopted the backend's version.
     versions = ls_client.ml.list_model_versions(id=str(ml.id))
-    assert model_version in json.dumps(versions.dict() if hasattr(versions, "dict") else versions, default=str)
+    assert model_version in json.dumps(
+        versions.dict() if hasattr(versions, "dict") else versions, default=str
+    )
 
 
 def test_backend_refuses_a_task_without_the_field_it_needs(served, label_studio):
@@ -94,7 +85,11 @@ def test_backend_refuses_a_task_without_the_field_it_needs(served, label_studio)
     backend, _ = served
     response = requests.post(
         f"{backend.url}/predict",
-        json={"tasks": [{"id": 9, "data": {"text": "hi"}}], "label_config": label_configs.load("pairwise"), "project": "1.1"},
+        json={
+            "tasks": [{"id": 9, "data": {"text": "hi"}}],
+            "label_config": label_configs.load("pairwise"),
+            "project": "1.1",
+        },
         timeout=30,
     )
     assert response.status_code == 422 and "task 9" in response.json()["error"]

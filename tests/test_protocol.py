@@ -6,12 +6,12 @@ import base64
 import math
 
 import pytest
+from conftest import add_reward_version
 from label_studio_sdk.label_interface import LabelInterface
 
 import label_configs
 from ml_backend.app import WEBHOOK_SECRET_HEADER, create_app
 from ml_backend.serving import ModelHolder
-from training.registry import Registry
 
 
 def make_client(settings):
@@ -26,42 +26,43 @@ def client(settings):
     return make_client(settings)[0]
 
 
-def pairwise_task(tid, prompt="What is the capital of France?", a="Paris is the capital.", b="I do not know."):
+def pairwise_task(
+    tid, prompt="What is the capital of France?", a="Paris is the capital.", b="I do not know."
+):
     return {"id": tid, "data": {"prompt": prompt, "answer1": a, "answer2": b}}
 
 
 def ranking_task(tid, answers=("Paris.", "Lyon is the capital.", "It is Paris, on the Seine.")):
-    items = [{"id": f"a{i}", "title": f"Answer {i + 1}", "body": text} for i, text in enumerate(answers)]
+    items = [
+        {"id": f"a{i}", "title": f"Answer {i + 1}", "body": text} for i, text in enumerate(answers)
+    ]
     return {"id": tid, "data": {"prompt": "What is the capital of France?", "items": items}}
 
 
 def predict(client, tasks, config="pairwise", **extra):
-    body = {"tasks": tasks, "label_config": label_configs.load(config), "project": "7.1700000000", **extra}
+    body = {
+        "tasks": tasks,
+        "label_config": label_configs.load(config),
+        "project": "7.1700000000",
+        **extra,
+    }
     return client.post("/predict", json=body)
-
-
-def add_reward_version(settings, backbone_dir):
-    """A reward version in the registry: the tiny classifier saved as a version folder."""
-    from training.models import load_sequence_classifier
-
-    registry = Registry(settings.registry_dir)
-    model, tokenizer = load_sequence_classifier(str(backbone_dir))
-    with registry.stage("reward") as staged:
-        model.save_pretrained(staged)
-        tokenizer.save_pretrained(staged)
-        return registry.commit("reward", staged, {"note": "untrained test version"}, promote=True)
 
 
 def test_health_and_setup_report_the_model_version(client):
     health = client.get("/health").get_json()
     assert health["status"] == "UP" and health["models"] == "loaded"
-    setup = client.post("/setup", json={"project": "7.1700000000", "schema": label_configs.load("pairwise")})
+    setup = client.post(
+        "/setup", json={"project": "7.1700000000", "schema": label_configs.load("pairwise")}
+    )
     assert setup.status_code == 200
     assert setup.get_json()["model_version"] == "policy-base+reward-none"
 
 
 def test_setup_rejects_a_config_it_cannot_serve(client):
-    response = client.post("/setup", json={"project": "1.1", "schema": "<View><Text name='t' value='$t'/></View>"})
+    response = client.post(
+        "/setup", json={"project": "1.1", "schema": "<View><Text name='t' value='$t'/></View>"}
+    )
     assert response.status_code == 422
     assert "no RLHF control" in response.get_json()["error"]
 
@@ -78,17 +79,23 @@ def test_pairwise_without_reward_model_makes_up_nothing(client):
         assert "No reward model yet" in item["result"][0]["value"]["text"][0]
 
 
-def test_pairwise_suggests_the_higher_reward_with_bradley_terry_score(settings, tiny_reward_backbone_dir):
+def test_pairwise_suggests_the_higher_reward_with_bradley_terry_score(
+    settings, tiny_reward_backbone_dir
+):
     version = add_reward_version(settings, tiny_reward_backbone_dir)
     client, app = make_client(settings)
-    tasks = [pairwise_task(i, a=f"answer {i} one", b=f"another answer {i} two words") for i in range(5)]
+    tasks = [
+        pairwise_task(i, a=f"answer {i} one", b=f"another answer {i} two words") for i in range(5)
+    ]
     items = predict(client, tasks).get_json()["results"]
     assert len(items) == 5
     holder = app.extensions["ls_rlhf"].holder
     interface = LabelInterface(label_configs.load("pairwise"))
     for task, item in zip(tasks, items, strict=True):
         assert item["model_version"] == f"policy-base+{version.label}"
-        r1, r2 = holder.get().reward.score([task["data"]["prompt"]] * 2, [task["data"]["answer1"], task["data"]["answer2"]])
+        r1, r2 = holder.get().reward.score(
+            [task["data"]["prompt"]] * 2, [task["data"]["answer1"], task["data"]["answer2"]]
+        )
         choice = next(r for r in item["result"] if r["type"] == "pairwise")
         assert choice["value"]["selected"] == ("left" if r1 >= r2 else "right")
         assert item["score"] == pytest.approx(1 / (1 + math.exp(-abs(r1 - r2))), abs=1e-5)
@@ -104,18 +111,27 @@ def test_ranking_orders_by_reward_and_scores_the_closest_call(settings, tiny_rew
     task = ranking_task(3)
     item = predict(client, [task], config="ranking").get_json()["results"][0]
     bodies = {it["id"]: it["body"] for it in task["data"]["items"]}
-    rewards = app.extensions["ls_rlhf"].holder.get().reward.score([task["data"]["prompt"]] * 3, list(bodies.values()))
+    rewards = (
+        app.extensions["ls_rlhf"]
+        .holder.get()
+        .reward.score([task["data"]["prompt"]] * 3, list(bodies.values()))
+    )
     by_id = dict(zip(bodies, rewards, strict=True))
     ranker = next(r for r in item["result"] if r["type"] == "ranker")
     order = ranker["value"]["ranker"]["rank"]
     assert order == sorted(by_id, key=by_id.get, reverse=True)
     gaps = [by_id[a] - by_id[b] for a, b in zip(order, order[1:], strict=False)]
     assert item["score"] == pytest.approx(1 / (1 + math.exp(-min(gaps))), abs=1e-5)
-    assert LabelInterface(label_configs.load("ranking")).validate_prediction({"result": item["result"]})
+    assert LabelInterface(label_configs.load("ranking")).validate_prediction(
+        {"result": item["result"]}
+    )
 
 
 def test_demonstration_prefills_the_answer_box_with_the_policy_draft(client):
-    tasks = [{"id": i, "data": {"prompt": f"Say something about {w}"}} for i, w in enumerate(["cats", "dogs", "rain"])]
+    tasks = [
+        {"id": i, "data": {"prompt": f"Say something about {w}"}}
+        for i, w in enumerate(["cats", "dogs", "rain"])
+    ]
     items = predict(client, tasks, config="demonstration").get_json()["results"]
     assert len(items) == 3
     for item in items:
@@ -147,8 +163,16 @@ def test_over_budget_answers_in_time_and_tracks_the_rest(settings):
     ("body", "status", "message"),
     [
         ({"tasks": [{"id": 5, "data": {"question": "x"}}]}, 422, "task 5: has no field 'prompt'"),
-        ({"tasks": [{"id": 6, "data": {"prompt": "p", "answer1": "a"}}]}, 422, "task 6: has no field 'answer2'"),
-        ({"tasks": [{"id": 8, "data": {"prompt": "x" * 9000, "answer1": "a", "answer2": "b"}}]}, 422, "over the limit"),
+        (
+            {"tasks": [{"id": 6, "data": {"prompt": "p", "answer1": "a"}}]},
+            422,
+            "task 6: has no field 'answer2'",
+        ),
+        (
+            {"tasks": [{"id": 8, "data": {"prompt": "x" * 9000, "answer1": "a", "answer2": "b"}}]},
+            422,
+            "over the limit",
+        ),
         ({"tasks": "not a list"}, 400, '"tasks" must be a list'),
         ({"tasks": [], "label_config": "<View><Text name='p' value='$p'"}, 422, "not valid XML"),
     ],
@@ -162,7 +186,13 @@ def test_bad_predict_input_gets_a_clear_4xx(client, body, status, message):
 
 
 def test_malformed_json_is_refused_and_recorded_events_survive(client, settings):
-    assert client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": {"id": 1}, "project": {"id": 2}}).status_code == 201
+    assert (
+        client.post(
+            "/webhook",
+            json={"action": "ANNOTATION_CREATED", "annotation": {"id": 1}, "project": {"id": 2}},
+        ).status_code
+        == 201
+    )
     response = client.post("/webhook", data="{not json", content_type="application/json")
     assert response.status_code == 400 and "JSON" in response.get_json()["error"]
     assert client.post("/predict", data="[1,", content_type="application/json").status_code == 400
@@ -174,8 +204,17 @@ def test_malformed_json_is_refused_and_recorded_events_survive(client, settings)
 
 def test_webhook_records_label_studio_actions_without_the_payload(client, settings):
     payloads = [
-        {"action": "ANNOTATION_CREATED", "annotation": {"id": 11}, "task": {"id": 3}, "project": {"id": 4, "token": "s3cret"}},
-        {"action": "ANNOTATIONS_CREATED", "annotation": [{"id": 12}, {"id": 13}], "project": {"id": 4}},
+        {
+            "action": "ANNOTATION_CREATED",
+            "annotation": {"id": 11},
+            "task": {"id": 3},
+            "project": {"id": 4, "token": "s3cret"},
+        },
+        {
+            "action": "ANNOTATIONS_CREATED",
+            "annotation": [{"id": 12}, {"id": 13}],
+            "project": {"id": 4},
+        },
         {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 12}], "project": {"id": 4}},
         {"action": "START_TRAINING", "project": {"id": 4}},
     ]
@@ -192,17 +231,31 @@ def test_webhook_records_label_studio_actions_without_the_payload(client, settin
 
 
 def test_basic_auth_guards_every_route_and_the_webhook_secret_works(settings):
-    client, _ = make_client(settings.replace(basic_auth_user="ls", basic_auth_password="pw", webhook_secret="hook"))
+    client, _ = make_client(
+        settings.replace(basic_auth_user="ls", basic_auth_password="pw", webhook_secret="hook")
+    )
     good = {"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()}
     bad = {"Authorization": "Basic " + base64.b64encode(b"ls:nope").decode()}
-    for method, path in [("get", "/health"), ("post", "/setup"), ("post", "/predict"), ("get", "/versions"), ("get", "/metrics")]:
+    for method, path in [
+        ("get", "/health"),
+        ("post", "/setup"),
+        ("post", "/predict"),
+        ("get", "/versions"),
+        ("get", "/metrics"),
+    ]:
         assert getattr(client, method)(path, json={}).status_code == 401
         assert getattr(client, method)(path, json={}, headers=bad).status_code == 401
     assert client.get("/health", headers=good).status_code == 200
     event = {"action": "START_TRAINING", "project": {"id": 1}}
     assert client.post("/webhook", json=event).status_code == 401
-    assert client.post("/webhook", json=event, headers={WEBHOOK_SECRET_HEADER: "wrong"}).status_code == 401
-    assert client.post("/webhook", json=event, headers={WEBHOOK_SECRET_HEADER: "hook"}).status_code == 201
+    assert (
+        client.post("/webhook", json=event, headers={WEBHOOK_SECRET_HEADER: "wrong"}).status_code
+        == 401
+    )
+    assert (
+        client.post("/webhook", json=event, headers={WEBHOOK_SECRET_HEADER: "hook"}).status_code
+        == 201
+    )
     assert client.post("/webhook", json=event, headers=good).status_code == 201
 
 
@@ -211,7 +264,10 @@ def test_versions_train_and_metrics(settings, tiny_reward_backbone_dir):
     assert client.get("/versions").get_json()["versions"] == ["policy-base+reward-none"]
     add_reward_version(settings, tiny_reward_backbone_dir)
     listing = client.post("/versions", json={}).get_json()
-    assert listing["current"] == {"policy": None, "reward": "reward-v1"} and "reward-v1" in listing["versions"]
+    assert (
+        listing["current"] == {"policy": None, "reward": "reward-v1"}
+        and "reward-v1" in listing["versions"]
+    )
     assert client.post("/versions", json={"kind": "reward", "version": "v9"}).status_code == 404
     job = client.post("/train", json={"project": "3.17"}).get_json()
     assert isinstance(job["job"], int)

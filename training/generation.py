@@ -34,6 +34,7 @@ def generate_completions(
     top_p: float = 0.95,
     batch_size: int = 16,
     seed: int | None = None,
+    min_new_tokens: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[list[str]]:
     """`num_completions` completions for each prompt, in prompt order.
@@ -59,6 +60,7 @@ def generate_completions(
             top_p=top_p if sampling else None,
             top_k=None,
             num_return_sequences=num_completions,
+            min_new_tokens=min_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
