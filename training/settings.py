@@ -182,6 +182,8 @@ def describe() -> list[tuple[str, str, str]]:
     rows = []
     for f in dataclasses.fields(Settings):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.name == "home":
+            default = "$XDG_CACHE_HOME/ls-rlhf (~/.cache/ls-rlhf)"
         rows.append((ENV_PREFIX + f.name.upper(), str(default), f.metadata.get("help", "")))
     return rows
 
