@@ -7,8 +7,9 @@ Three ways to do the same work (N prompts x K completions x T new tokens, defaul
 * per-prompt: one model.generate call per prompt, the pattern of the public
               label-studio-ml-backend LLM examples (timed on --per-prompt-sample prompts: it
               is a rate, and the slow path would otherwise dominate the run);
-* ceiling:    a bare batched model.generate on pre-tokenized batches of the same size,
-              without rendering or decoding: what batching alone can reach.
+* ceiling:    a bare batched model.generate on pre-tokenized batches of the same size
+              (in file order), without rendering or decoding: what batching alone reaches.
+              The product also sorts prompts by length to cut padding, so it can beat it.
 
 Every path generates exactly T new tokens (min_new_tokens = T) so they do equal work.
 Prints tasks/s (a task = one prompt with its K completions) and the ratios.

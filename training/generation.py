@@ -1,9 +1,9 @@
 """Batched generation of K completions per prompt.
 
-All prompts of a call are padded on the left and sampled in batches of
-`batch_size * num_completions` sequences: on a CPU one batched call is 4-8x faster than
-one call per prompt (see bench/generate.py). Prompts are rendered with the tokenizer's
-chat template when it has one.
+All prompts of a call are sorted by length, padded on the left and sampled in batches
+of `batch_size * num_completions` sequences: on a CPU one batched call is several times
+faster than one call per prompt (see bench/generate.py). Prompts are rendered with the
+tokenizer's chat template when it has one. Results come back in prompt order.
 """
 
 from __future__ import annotations
