@@ -63,7 +63,7 @@ class Settings:
     )
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling threshold."})
     generation_batch_size: int = field(
-        default=16, metadata={"help": "Prompts per generate() call (batched across tasks)."}
+        default=32, metadata={"help": "Prompts per generate() call (batched across tasks)."}
     )
     max_prompt_chars: int = field(
         default=8000,
