@@ -94,3 +94,36 @@ def test_backend_refuses_a_task_without_the_field_it_needs(served, label_studio)
     )
     assert response.status_code == 422 and "task 9" in response.json()["error"]
     assert requests.get(f"{backend.url}/health", timeout=5).json()["models"] == "loaded"
+
+
+def test_predict_over_budget_delivers_the_rest_through_label_studio(
+    settings, label_studio, start_backend, make_project, ls_client
+):
+    """With no time budget, /predict answers with one task done; the others arrive via the API."""
+    import requests
+
+    settings = settings.replace(
+        label_studio_url=label_studio.url,
+        label_studio_api_key=label_studio.token,
+        predict_budget_seconds=0.0,
+        generation_batch_size=1,
+    )
+    backend = start_backend(settings)
+    project = make_project("demonstration")
+    ls_client.ml.create(project=project.id, url=backend.url, title="ls-rlhf", is_interactive=False)
+    imported = ls_client.projects.import_tasks(
+        id=project.id,
+        request=[{"data": {"prompt": f"Tell me about number {i}"}} for i in range(4)],
+        return_task_ids=True,
+    )
+    ls_client.actions.create(
+        id="retrieve_tasks_predictions",
+        project=project.id,
+        selected_items={"all": False, "included": imported.task_ids},
+    )
+    found = wait_for_predictions(ls_client, imported.task_ids)
+    assert all(len(p) == 1 and p[0].result[0]["from_name"] == "answer" for p in found.values())
+    jobs = requests.get(f"{backend.url}/predictions/progress", timeout=5).json()["jobs"]
+    assert sum(job["delivered"] for job in jobs) == 3 and all(
+        job["state"] == "done" for job in jobs
+    )
