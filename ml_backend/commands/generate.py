@@ -62,10 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     existing: list = []
     if args.prompts:
-        try:
-            prompts = read_prompts(args.prompts)
-        except PromptFileError as err:
-            raise UserError(str(err)) from None
+        prompts = prompts_from_file
     else:
         existing = [
             t for t in ls.tasks.list(project=args.project) if _needs_answers(t.data or {}, schema)
