@@ -53,6 +53,12 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env(
         num_completions=args.num_completions, max_new_tokens=args.max_new_tokens
     )
+    prompts_from_file: list[str] = []
+    if args.prompts:  # before any network call: a typo in the path fails fast
+        try:
+            prompts_from_file = read_prompts(args.prompts)
+        except PromptFileError as err:
+            raise UserError(str(err)) from None
     try:
         ls = client(settings, args.url, args.api_key)
         project = get_project(ls, args.project)
