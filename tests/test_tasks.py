@@ -34,13 +34,18 @@ def test_bad_prompts_file_says_what_is_expected(tmp_path, name, content, message
         read_prompts(tmp_path / name)
 
 
-def test_missing_prompts_file_is_one_clear_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("LS_RLHF_LABEL_STUDIO_API_KEY", "")
+def test_missing_prompts_file_is_one_clear_line(tmp_path, capsys):
     assert cli(["generate", "--project", "1", "--prompts", str(tmp_path / "none.jsonl")]) == 2
     err = capsys.readouterr().err
-    assert (
-        err.startswith("ls-rlhf generate: error:") and "API key" in err and "Traceback" not in err
-    )
+    assert err.startswith("ls-rlhf generate: error:") and "does not exist" in err
+    assert "Traceback" not in err
+
+
+def test_missing_api_key_names_the_setting(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LS_RLHF_LABEL_STUDIO_API_KEY", "")
+    (tmp_path / "p.txt").write_text("hello\n")
+    assert cli(["generate", "--project", "1", "--prompts", str(tmp_path / "p.txt")]) == 2
+    assert "LS_RLHF_LABEL_STUDIO_API_KEY" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
