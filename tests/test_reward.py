@@ -1,0 +1,171 @@
+"""Reward model: input format, scoring, Bradley-Terry training, versions and promotion."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from datasets import Dataset
+
+from training.models import load_tokenizer
+from training.registry import Registry
+from training.reward import (
+    RewardModel,
+    RewardTrainingConfig,
+    format_reward_input,
+    pairwise_accuracy,
+    train_reward,
+)
+
+GOOD = ["good", "great", "excellent", "happy", "yes"]
+BAD = ["bad", "terrible", "awful", "sad", "no"]
+
+
+def synthetic_pairs(n: int, seed: int) -> Dataset:
+    """Chosen answers use positive words, rejected ones negative words: learnable."""
+    rng = random.Random(seed)
+    rows = {"prompt": [], "chosen": [], "rejected": [], "margin": []}
+    for i in range(n):
+        topic = rng.choice(["the capital", "water", "the fox", "plants", "the river"])
+        rows["prompt"].append(f"question {i} about {topic}?")
+        rows["chosen"].append(f"{topic} is {rng.choice(GOOD)} {rng.choice(GOOD)}")
+        rows["rejected"].append(f"{topic} is {rng.choice(BAD)} {rng.choice(BAD)}")
+        rows["margin"].append(0.0)
+    return Dataset.from_dict(rows)
+
+
+def test_truncation_keeps_the_answer_and_cuts_the_prompt_from_the_left(tiny_reward_backbone_dir):
+    tokenizer = load_tokenizer(str(tiny_reward_backbone_dir), padding_side="right")
+    long_prompt = "start " + "water boils at one hundred degrees " * 40 + "final question?"
+    a = format_reward_input(tokenizer, long_prompt, "the answer is good", max_length=64)
+    b = format_reward_input(tokenizer, long_prompt, "the answer is bad", max_length=64)
+    assert len(a) <= 64 and len(b) <= 64
+    assert a != b  # the differing end of the answers survived
+    text = tokenizer.decode(a)
+    assert "question" in text and "good" in text and "start" not in text
+
+
+def test_scores_are_batch_invariant_and_in_order(tiny_reward_backbone_dir):
+    model = RewardModel.load(tiny_reward_backbone_dir)
+    prompts = ["p one", "a longer prompt here", "x"]
+    answers = ["yes", "no no no no", "maybe great"]
+    together = model.score(prompts, answers, batch_size=3)
+    alone = [model.score([p], [a])[0] for p, a in zip(prompts, answers, strict=True)]
+    assert together == pytest.approx(alone, abs=1e-5)
+    with pytest.raises(ValueError, match="one prompt per answer"):
+        model.score(["a"], ["b", "c"])
+
+
+def test_training_learns_a_preference_and_writes_a_version(tmp_path, tiny_reward_backbone_dir):
+    registry = Registry(tmp_path / "registry")
+    config = RewardTrainingConfig(
+        learning_rate=1e-3, num_train_epochs=4, per_device_train_batch_size=16, max_length=64
+    )
+    result = train_reward(
+        synthetic_pairs(160, 0),
+        synthetic_pairs(40, 1),
+        registry,
+        str(tiny_reward_backbone_dir),
+        config,
+    )
+    metrics = result.metrics
+    assert (
+        metrics["accuracy_after"] >= 0.9 > metrics["accuracy_before"] + 0.2
+        or metrics["accuracy_after"] >= 0.95
+    )
+    assert result.promoted and registry.current("reward").name == result.version.name == "v1"
+    folder = result.version.path
+    assert (folder / "config.json").is_file() and (
+        folder / "training_curves.png"
+    ).stat().st_size > 1000
+    metadata = json.loads((folder / "metadata.json").read_text())
+    assert metadata["metrics"]["train_pairs"] == 160 and metadata["data"]["fingerprint"]
+    assert metadata["parent"] is None and metadata["backbone"] == str(tiny_reward_backbone_dir)
+    # The saved version scores like the trained model did.
+    assert pairwise_accuracy(
+        RewardModel.load(folder, max_length=64), synthetic_pairs(40, 1)
+    ) == pytest.approx(metrics["accuracy_after"])
+
+
+def test_a_worse_model_is_not_promoted_unless_asked(tmp_path, tiny_reward_backbone_dir):
+    registry = Registry(tmp_path / "registry")
+    good = RewardTrainingConfig(learning_rate=1e-3, num_train_epochs=4, max_length=64)
+    train_reward(
+        synthetic_pairs(160, 0),
+        synthetic_pairs(40, 1),
+        registry,
+        str(tiny_reward_backbone_dir),
+        good,
+    )
+    flipped = synthetic_pairs(160, 2).rename_columns({"chosen": "rejected", "rejected": "chosen"})
+    worse = train_reward(
+        flipped, synthetic_pairs(40, 1), registry, str(tiny_reward_backbone_dir), good
+    )
+    assert not worse.promoted and registry.current("reward").name == "v1"
+    assert worse.metrics["accuracy_after"] < worse.metrics["current_accuracy"]
+    forced = train_reward(
+        flipped,
+        synthetic_pairs(40, 1),
+        registry,
+        str(tiny_reward_backbone_dir),
+        RewardTrainingConfig(learning_rate=1e-3, max_steps=2, max_length=64, promote="always"),
+    )
+    assert forced.promoted and registry.current("reward").name == "v3"
+
+
+def test_warm_start_continues_from_the_current_version(tmp_path, tiny_reward_backbone_dir):
+    registry = Registry(tmp_path / "registry")
+    config = RewardTrainingConfig(learning_rate=1e-3, num_train_epochs=4, max_length=64)
+    first = train_reward(
+        synthetic_pairs(160, 0),
+        synthetic_pairs(40, 1),
+        registry,
+        str(tiny_reward_backbone_dir),
+        config,
+    )
+    warm = RewardTrainingConfig(learning_rate=1e-5, max_steps=1, max_length=64, warm_start=True)
+    second = train_reward(
+        synthetic_pairs(16, 3),
+        synthetic_pairs(40, 1),
+        registry,
+        str(tiny_reward_backbone_dir),
+        warm,
+    )
+    # Started from v1, so before any step it is already as good as v1.
+    assert second.metrics["accuracy_before"] == pytest.approx(first.metrics["accuracy_after"])
+    assert json.loads((second.version.path / "metadata.json").read_text())["parent"] == "v1"
+
+
+def test_extra_loss_hook_enters_the_training_loss(tmp_path, tiny_reward_backbone_dir):
+    calls = []
+
+    def penalty(model: torch.nn.Module) -> torch.Tensor:
+        # A constant with a zero gradient: training is unchanged, the loss grows by exactly 5.
+        calls.append(1)
+        return 0.0 * model.classifier.weight.sum() + 5.0
+
+    registry = Registry(tmp_path / "registry")
+    config = RewardTrainingConfig(learning_rate=1e-3, max_steps=3, max_length=64, logging_steps=1)
+    backbone = str(tiny_reward_backbone_dir)
+    plain = train_reward(synthetic_pairs(48, 0), synthetic_pairs(16, 1), registry, backbone, config)
+    penalized = train_reward(
+        synthetic_pairs(48, 0),
+        synthetic_pairs(16, 1),
+        registry,
+        backbone,
+        config,
+        extra_loss=penalty,
+    )
+    assert len(calls) == 3
+    assert penalized.metrics["train_loss"] == pytest.approx(
+        plain.metrics["train_loss"] + 5.0, abs=1e-3
+    )
+    assert penalized.metrics["accuracy_after"] == pytest.approx(plain.metrics["accuracy_after"])
+
+
+def test_no_pairs_is_a_clear_error(tmp_path, tiny_reward_backbone_dir):
+    empty = Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
+    with pytest.raises(ValueError, match="no preference pairs"):
+        train_reward(empty, empty, Registry(tmp_path), str(tiny_reward_backbone_dir))

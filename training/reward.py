@@ -1,0 +1,416 @@
+"""Reward models: scoring answers, and fitting a Bradley-Terry model on preference pairs.
+
+A reward model maps (prompt, answer) to a scalar; trained on pairs where people preferred
+`chosen` over `rejected`, it maximizes log sigmoid(r(chosen) - r(rejected) - margin)
+(Bradley-Terry; InstructGPT section 3.5). TRL's `RewardTrainer` is the engine.
+
+One function, `format_reward_input`, turns (prompt, answer) into token ids for both
+training and scoring, so a model is always scored the way it was trained:
+
+* encoders without a chat template (BERT, the default MiniLM): `[CLS] prompt [SEP] answer [SEP]`
+  as one segment; the prompt is cut from the LEFT first, so the answer (where chosen and
+  rejected differ) and the end of the prompt (usually the question) survive; only an answer
+  that alone is too long is cut, from the right;
+* decoders with a chat template: the user/assistant dialogue, cut from the left.
+
+Pre-tokenized ids go to TRL (`chosen_ids`/`rejected_ids`): its text path appends an eos
+token that encoders such as MiniLM do not have, and it drops over-long pairs instead of
+truncating them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase, TrainerCallback
+from trl import RewardConfig, RewardTrainer
+
+from training.models import load_sequence_classifier
+from training.registry import Registry, Version
+
+log = logging.getLogger(__name__)
+
+
+def format_reward_input(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str, max_length: int = 512
+) -> list[int]:
+    """Token ids of (prompt, answer) for a reward model, at most `max_length` long."""
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+            tokenize=True,
+        )
+        if isinstance(ids, dict):  # transformers 5 may return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)[-max_length:]
+    # Encoder: one "[CLS] prompt [SEP] answer [SEP]" sequence, prompt cut from the left.
+    budget = max_length - tokenizer.num_special_tokens_to_add(pair=True)
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    keep_prompt = min(16, budget // 4)  # an answer alone too long still leaves the question's end
+    if len(answer_ids) > budget - keep_prompt:
+        answer = tokenizer.decode(answer_ids[: budget - keep_prompt])
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        encoded = tokenizer(prompt, answer, truncation="only_first", max_length=max_length)
+    finally:
+        tokenizer.truncation_side = side
+    return list(encoded["input_ids"])[:max_length]
+
+
+class RewardModel:
+    """A trained reward model (a registry version) or any HF sequence classifier."""
+
+    def __init__(
+        self, model, tokenizer: PreTrainedTokenizerBase, name: str, max_length: int = 512
+    ) -> None:
+        self.model, self.tokenizer, self.name, self.max_length = model, tokenizer, name, max_length
+
+    @classmethod
+    def load(cls, path_or_id: str | Path, max_length: int | None = None) -> RewardModel:
+        model, tokenizer = load_sequence_classifier(str(path_or_id))
+        name = str(path_or_id)
+        metadata_file = Path(path_or_id) / "metadata.json"
+        if metadata_file.is_file():
+            metadata = json.loads(metadata_file.read_text())
+            name = (
+                f"{metadata.get('kind', 'reward')}-{metadata.get('version', Path(path_or_id).name)}"
+            )
+            max_length = max_length or metadata.get("config", {}).get("max_length")
+        return cls(model, tokenizer, name, max_length or 512)
+
+    @torch.inference_mode()
+    def score(
+        self, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32
+    ) -> list[float]:
+        """The reward of each (prompt, answer), in input order."""
+        if len(prompts) != len(answers):
+            raise ValueError(
+                f"{len(prompts)} prompts but {len(answers)} answers: give one prompt per answer"
+            )
+        encoded = [
+            format_reward_input(self.tokenizer, p, a, self.max_length)
+            for p, a in zip(prompts, answers, strict=True)
+        ]
+        order = sorted(
+            range(len(encoded)), key=lambda i: len(encoded[i])
+        )  # similar lengths: less padding
+        scores = [0.0] * len(encoded)
+        pad = self.tokenizer.pad_token_id or 0
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                input_ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+                mask[row, : len(encoded[i])] = 1
+            logits = self.model(
+                input_ids=input_ids.to(self.model.device), attention_mask=mask.to(self.model.device)
+            ).logits
+            for row, i in enumerate(idx):
+                scores[i] = float(logits[row, 0])
+        return scores
+
+
+def pairwise_accuracy(model: RewardModel, dataset: Dataset, batch_size: int = 32) -> float:
+    """Fraction of pairs where the chosen answer scores higher than the rejected one."""
+    if len(dataset) == 0:
+        return float("nan")
+    chosen = model.score(dataset["prompt"], dataset["chosen"], batch_size)
+    rejected = model.score(dataset["prompt"], dataset["rejected"], batch_size)
+    return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(dataset)
+
+
+def longer_answer_accuracy(dataset: Dataset) -> float:
+    """The "longer answer wins" baseline: how often the chosen answer is the longer one."""
+    if len(dataset) == 0:
+        return float("nan")
+    return sum(
+        len(c) > len(r) for c, r in zip(dataset["chosen"], dataset["rejected"], strict=True)
+    ) / len(dataset)
+
+
+@dataclass
+class RewardTrainingConfig:
+    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate."})
+    num_train_epochs: float = field(
+        default=2.0, metadata={"help": "Passes over the training pairs."}
+    )
+    max_steps: int = field(
+        default=-1, metadata={"help": "If > 0, train exactly this many steps (overrides epochs)."}
+    )
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Pairs per step."})
+    max_length: int = field(
+        default=384,
+        metadata={"help": "Tokens per (prompt, answer); longer prompts are cut from the left."},
+    )
+    warmup_ratio: float = field(
+        default=0.1, metadata={"help": "Fraction of steps with a linear learning-rate warm-up."}
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    use_margin: bool = field(
+        default=True, metadata={"help": "Use the `margin` column (from ratings) in the loss."}
+    )
+    center_rewards_coefficient: float | None = field(
+        default=0.01,
+        metadata={
+            "help": "Pull mean rewards towards 0 (Eisenstein et al., 2023) so scores stay comparable."
+        },
+    )
+    eval_fraction: float = field(
+        default=0.2, metadata={"help": "Held-out share of prompts when no eval set is given."}
+    )
+    promote: str = field(
+        default="if_not_worse",
+        metadata={
+            "help": "Make the new version current: if_not_worse (held-out accuracy vs the current), always, never."
+        },
+    )
+    warm_start: bool = field(
+        default=False, metadata={"help": "Start from the current reward version, not the backbone."}
+    )
+    logging_steps: int = field(
+        default=5, metadata={"help": "Steps between logged losses (and curve points)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+
+    def __post_init__(self) -> None:
+        if self.promote not in ("if_not_worse", "always", "never"):
+            raise ValueError(f"promote must be if_not_worse, always or never, not {self.promote!r}")
+
+
+@dataclass
+class RewardTrainingResult:
+    version: Version
+    promoted: bool
+    metrics: dict[str, Any]
+
+
+class PairwiseRewardTrainer(RewardTrainer):
+    """TRL's RewardTrainer, plus an optional extra loss term.
+
+    `extra_loss(model) -> scalar tensor` is added to every training step's loss; the
+    fairness penalty (training/fairness.py) uses it to push the scores of counterfactual
+    variants of the same text together.
+    """
+
+    extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        if self.extra_loss is None or not model.training:
+            return out
+        extra = self.extra_loss(model)
+        self._metrics["train"]["extra_loss"].append(float(extra.detach()))
+        if return_outputs:
+            loss, outputs = out
+            return loss + extra, outputs
+        return out + extra
+
+
+class _Progress(TrainerCallback):
+    def __init__(self, report: Callable[[float], None]) -> None:
+        self.report = report
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps:
+            self.report(state.global_step / state.max_steps)
+
+
+def tokenize_pairs(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, use_margin: bool
+) -> Dataset:
+    """prompt/chosen/rejected(/margin) -> chosen_ids/rejected_ids(/margin) for TRL."""
+
+    def encode(row: dict[str, Any]) -> dict[str, Any]:
+        out = {
+            "chosen_ids": format_reward_input(tokenizer, row["prompt"], row["chosen"], max_length),
+            "rejected_ids": format_reward_input(
+                tokenizer, row["prompt"], row["rejected"], max_length
+            ),
+        }
+        if use_margin:
+            out["margin"] = float(row.get("margin") or 0.0)
+        return out
+
+    keep = {"chosen_ids", "rejected_ids"} | ({"margin"} if use_margin else set())
+    return dataset.map(encode, remove_columns=[c for c in dataset.column_names if c not in keep])
+
+
+def fingerprint(dataset: Dataset) -> str:
+    digest = hashlib.sha256()
+    for row in zip(dataset["prompt"], dataset["chosen"], dataset["rejected"], strict=True):
+        digest.update(json.dumps(row).encode())
+    return digest.hexdigest()[:16]
+
+
+def train_reward(
+    train: Dataset,
+    eval: Dataset,
+    registry: Registry,
+    backbone: str,
+    config: RewardTrainingConfig | None = None,
+    extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+    data_info: dict[str, Any] | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> RewardTrainingResult:
+    """Fit a reward model on `train`, judge it on `eval`, write a version, maybe promote it."""
+    config = config or RewardTrainingConfig()
+    if len(train) == 0:
+        raise ValueError("no preference pairs to train on: annotate comparisons or rankings first")
+    current = registry.current("reward")
+    start_from = str(current.path) if (config.warm_start and current) else backbone
+    model, tokenizer = load_sequence_classifier(start_from)
+    untrained = RewardModel(model, tokenizer, "before", config.max_length)
+    accuracy_before = pairwise_accuracy(untrained, eval)
+    current_accuracy = (
+        pairwise_accuracy(RewardModel.load(current.path, config.max_length), eval)
+        if current
+        else None
+    )
+
+    with registry.stage("reward") as staged:
+        args = RewardConfig(
+            output_dir=str(staged / "trainer"),
+            learning_rate=config.learning_rate,
+            num_train_epochs=config.num_train_epochs,
+            max_steps=config.max_steps,
+            per_device_train_batch_size=config.per_device_train_batch_size,
+            per_device_eval_batch_size=32,
+            warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of all steps
+            weight_decay=config.weight_decay,
+            logging_steps=config.logging_steps,
+            eval_strategy="steps" if len(eval) else "no",
+            eval_steps=max(config.logging_steps * 4, 10),
+            save_strategy="no",
+            report_to=[],
+            seed=config.seed,
+            center_rewards_coefficient=config.center_rewards_coefficient,
+            max_length=None,  # already truncated by format_reward_input
+            disable_tqdm=False,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        train_ids = tokenize_pairs(train, tokenizer, config.max_length, config.use_margin)
+        eval_ids = (
+            tokenize_pairs(eval, tokenizer, config.max_length, config.use_margin)
+            if len(eval)
+            else None
+        )
+        trainer = PairwiseRewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ids,
+            eval_dataset=eval_ids,
+            processing_class=tokenizer,
+        )
+        trainer.extra_loss = extra_loss
+        if progress:
+            trainer.add_callback(_Progress(progress))
+        started = time.perf_counter()
+        output = trainer.train()
+        seconds = time.perf_counter() - started
+        model.eval()
+        trained = RewardModel(model, tokenizer, "after", config.max_length)
+        accuracy_after = pairwise_accuracy(trained, eval)
+
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        curves = plot_curves(trainer.state.log_history, staged / "training_curves.png")
+        metrics = {
+            "accuracy_before": accuracy_before,
+            "accuracy_after": accuracy_after,
+            "current_accuracy": current_accuracy,
+            "longer_answer_accuracy": longer_answer_accuracy(eval),
+            "train_loss": output.training_loss,
+            "train_pairs": len(train),
+            "eval_pairs": len(eval),
+            "steps": trainer.state.global_step,
+            "seconds": round(seconds, 2),
+            "pairs_per_second": round(
+                trainer.state.global_step * config.per_device_train_batch_size / seconds, 2
+            ),
+        }
+        promoted = _should_promote(config.promote, accuracy_after, current_accuracy)
+        import shutil
+
+        shutil.rmtree(staged / "trainer", ignore_errors=True)
+        version = registry.commit(
+            "reward",
+            staged,
+            {
+                "metrics": _finite(metrics),
+                "parent": current.name if current else None,
+                "started_from": "current version" if start_from != backbone else backbone,
+                "backbone": backbone,
+                "config": asdict(config),
+                "data": {"fingerprint": fingerprint(train), **(data_info or {})},
+                "curves": curves,
+            },
+            promote=promoted,
+        )
+    log.info(
+        "reward %s: held-out accuracy %.3f -> %.3f (current %s), %s",
+        version.label,
+        accuracy_before,
+        accuracy_after,
+        "none" if current_accuracy is None else f"{current_accuracy:.3f}",
+        "promoted" if promoted else "not promoted",
+    )
+    return RewardTrainingResult(version=version, promoted=promoted, metrics=metrics)
+
+
+def _should_promote(policy: str, accuracy: float, current_accuracy: float | None) -> bool:
+    if policy == "always":
+        return True
+    if policy == "never":
+        return False
+    if current_accuracy is None or math.isnan(current_accuracy) or math.isnan(accuracy):
+        return True
+    return accuracy >= current_accuracy
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+
+
+def plot_curves(log_history: list[dict[str, Any]], path: Path) -> str | None:
+    """Training loss, held-out loss and accuracy per step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [
+        (h["step"], h["eval_loss"], h.get("eval_accuracy")) for h in log_history if "eval_loss" in h
+    ]
+    if not train and not evals:
+        return None
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    if train:
+        ax_loss.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax_loss.plot(
+            [e[0] for e in evals], [e[1] for e in evals], marker="o", label="held-out loss"
+        )
+        ax_acc.plot([e[0] for e in evals], [e[2] for e in evals], marker="o", color="tab:green")
+    ax_loss.set(xlabel="step", ylabel="Bradley-Terry loss", title="Loss")
+    ax_loss.legend()
+    ax_acc.set(xlabel="step", ylabel="pairwise accuracy", title="Held-out accuracy", ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
