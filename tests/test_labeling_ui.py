@@ -76,17 +76,17 @@ def test_task_shows_suggestion_and_rewards(
         chosen = prediction.result[0]["value"]["selected"]
         answer = task.data["answer1" if chosen == "left" else "answer2"]
         other = task.data["answer2" if chosen == "left" else "answer1"]
-        # The suggested answer carries the Pairwise selection style; the other does not.
-        style = page.evaluate(
-            """([a, b]) => {
-                const find = t => [...document.querySelectorAll('div, span')].filter(e => e.innerText && e.innerText.trim() === t.trim())
-                    .map(e => { let n = e; while (n && getComputedStyle(n).borderStyle !== 'solid') n = n.parentElement; return n ? getComputedStyle(n).borderColor : null; })
-                    .find(c => c);
-                return [find(a) || null, find(b) || null];
-            }""",
-            [answer, other],
+        # The suggested answer carries the config's Pairwise selectionStyle (green border); the
+        # other answer does not.
+        highlighted = page.evaluate(
+            """() => [...document.querySelectorAll('*')]
+                .filter(e => getComputedStyle(e).borderTopColor === 'rgb(39, 174, 96)')
+                .map(e => e.innerText)"""
         )
-        assert style[0] is not None and style[0] != style[1], style
+        assert any(answer.strip()[:30] in text for text in highlighted), highlighted
+        assert not any(
+            other.strip()[:30] in text for text in highlighted if answer.strip()[:30] not in text
+        )
     else:
         order = prediction.result[0]["value"]["ranker"]["rank"]
         bodies = {item["id"]: item["body"] for item in task.data["items"]}
