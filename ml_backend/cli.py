@@ -15,6 +15,7 @@ import pkgutil
 import sys
 
 from ml_backend import commands
+from training.export import ExportError
 from training.label_config import LabelConfigError
 from training.models import ModelNotFoundError
 from training.registry import RegistryError
@@ -31,6 +32,7 @@ USER_ERRORS = (
     LabelConfigError,
     ModelNotFoundError,
     RegistryError,
+    ExportError,
     FileNotFoundError,
 )
 
@@ -53,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     }
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):  # shared helpers, not commands
+            continue
         module = importlib.import_module(f"ml_backend.commands.{info.name}")
         group = info.name.split("_", 1)[0]
         module.register(groups.get(group, sub))

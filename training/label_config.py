@@ -32,6 +32,7 @@ class Rating:
     name: str  # the Rating control's name
     answer_tag: str  # the Text tag it rates
     criterion: str  # e.g. "helpfulness"
+    max_rating: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,14 @@ def read_schema(config_xml: str) -> Schema:
                 )
             if target not in answer_tags:
                 answer_tags.append(target)
-            found.append(Rating(el.get("name"), target, _criterion(el.get("name"), target)))
+            found.append(
+                Rating(
+                    el.get("name"),
+                    target,
+                    _criterion(el.get("name"), target),
+                    float(el.get("maxRating") or 5),
+                )
+            )
         extra["ratings"] = tuple(found)
     elif textareas:
         targets_of_areas = {t for el in textareas for t in targets(el)}

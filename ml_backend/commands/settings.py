@@ -14,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="List every setting: the environment variable, its default, the value in force "
         "here (secrets masked) and what it does.",
     )
-    parser.add_argument("--markdown", action="store_true", help="print a Markdown table (as in the README)")
+    parser.add_argument(
+        "--markdown", action="store_true", help="print a Markdown table (as in the README)"
+    )
     parser.set_defaults(func=run)
 
 

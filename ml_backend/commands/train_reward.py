@@ -1,0 +1,104 @@
+"""`ls-rlhf train reward`: a Bradley-Terry reward model on the annotators' preferences."""
+
+from __future__ import annotations
+
+import argparse
+
+from ml_backend.cli import UserError
+from ml_backend.commands._sources import add_source_arguments, load_feedback, print_problems
+from training.settings import Settings
+
+MIN_PAIRS = 8
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "reward",
+        help="fit a Bradley-Terry reward model; a new reward version",
+        description="Turn comparisons, rankings (every ordered pair), ratings and flags into preference "
+        "pairs, split them by prompt, fit a reward model with TRL's RewardTrainer, report held-out "
+        "pairwise accuracy before and after, and write a new version into the registry. It becomes "
+        "the served version if its held-out accuracy is not worse than the current one's (--promote).",
+    )
+    add_source_arguments(
+        parser,
+        dataset_help="a preference dataset saved by `ls-rlhf export --datasets` (its preference/ folder)",
+    )
+    parser.add_argument(
+        "--backbone", help="HF id or folder of the backbone (default: LS_RLHF_REWARD_BACKBONE)"
+    )
+    parser.add_argument(
+        "--warm-start", action="store_true", help="start from the current reward version"
+    )
+    parser.add_argument(
+        "--promote", choices=["if_not_worse", "always", "never"], default="if_not_worse"
+    )
+    parser.add_argument(
+        "--test-fraction", type=float, default=0.2, help="share of prompts held out (default 0.2)"
+    )
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--epochs", type=float, help="passes over the pairs")
+    parser.add_argument("--max-steps", type=int, help="exact number of steps (overrides --epochs)")
+    parser.add_argument("--batch-size", type=int, help="pairs per step")
+    parser.add_argument("--max-length", type=int, help="tokens per (prompt, answer)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from datasets import load_from_disk
+
+    from training.datasets import preference_dataset, split_by_prompt
+    from training.models import resolve_reward_backbone
+    from training.registry import Registry
+    from training.reward import RewardTrainingConfig, train_reward
+
+    settings = Settings.from_env()
+    if args.dataset:
+        try:
+            pairs = load_from_disk(args.dataset)
+        except FileNotFoundError:
+            raise UserError(
+                f"{args.dataset} is not a saved dataset (use the preference/ folder of `ls-rlhf export --datasets`)"
+            ) from None
+        source = args.dataset
+    else:
+        parsed, _tasks, _config, source = load_feedback(args, settings)
+        print_problems(parsed)
+        pairs = preference_dataset(parsed.records)
+    if len(pairs) < MIN_PAIRS:
+        raise UserError(
+            f"{source} gives {len(pairs)} preference pairs; annotate at least {MIN_PAIRS} comparisons or rankings first"
+        )
+    split = split_by_prompt(pairs, args.test_fraction, seed=settings.seed)
+    overrides = {
+        "learning_rate": args.learning_rate,
+        "num_train_epochs": args.epochs,
+        "max_steps": args.max_steps,
+        "per_device_train_batch_size": args.batch_size,
+        "max_length": args.max_length,
+    }
+    config = RewardTrainingConfig(
+        promote=args.promote,
+        warm_start=args.warm_start,
+        seed=settings.seed,
+        **{k: v for k, v in overrides.items() if v is not None},
+    )
+    backbone = resolve_reward_backbone(args.backbone or settings.reward_backbone)
+    print(f"{source}: {len(split['train'])} training pairs, {len(split['test'])} held-out pairs")
+    result = train_reward(
+        split["train"],
+        split["test"],
+        Registry(settings.registry_dir),
+        backbone,
+        config,
+        data_info={"source": source, "pairs": len(pairs)},
+    )
+    m = result.metrics
+    current = "none" if m["current_accuracy"] is None else f"{m['current_accuracy']:.3f}"
+    print(
+        f"{result.version.label}: held-out accuracy {m['accuracy_before']:.3f} -> {m['accuracy_after']:.3f} "
+        f"(current version {current}; longer answer wins {m['longer_answer_accuracy']:.3f}), "
+        f"{m['steps']} steps in {m['seconds']:.0f} s; {'promoted: now served' if result.promoted else 'not promoted'}\n"
+        f"curves: {result.version.path / 'training_curves.png'}"
+    )
+    return 0
