@@ -17,8 +17,10 @@ from flask import Flask, Response, jsonify, request
 
 from ml_backend.backend import RLHFBackend
 from ml_backend.events import EventError, EventLog
+from ml_backend.jobs import JobStore, Trainer
 from ml_backend.results import TaskDataError
 from ml_backend.serving import ModelHolder
+from ml_backend.training_job import run_training
 from training.label_config import LabelConfigError
 from training.registry import RegistryError
 from training.settings import Settings
@@ -35,14 +37,31 @@ class BadRequest(Exception):
 
 
 def create_app(
-    settings: Settings | None = None, holder: ModelHolder | None = None, load_models: bool = True
+    settings: Settings | None = None,
+    holder: ModelHolder | None = None,
+    load_models: bool = True,
+    start_worker: bool | None = None,
 ) -> Flask:
+    """The backend app. Tests pass a loaded `holder` and `load_models=False`; the training
+    worker starts with the models unless `start_worker` says otherwise."""
     settings = settings or Settings.from_env()
     holder = holder or ModelHolder(settings)
-    backend = RLHFBackend(settings, holder, EventLog(settings.state_dir / "events.sqlite3"))
+    events = EventLog(settings.state_dir / "events.sqlite3")
+    backend = RLHFBackend(settings, holder, events)
+    backend.trainer = Trainer(
+        events,
+        JobStore(settings.state_dir / "jobs.sqlite3"),
+        settings.train_every,
+        run_job=lambda job, progress: run_training(
+            settings, job, progress, access=backend.label_studio_access.get(job.project_id)
+        ),
+        redis_url=settings.redis_url,
+    )
     if load_models and not holder.ready:
         holder.start_loading()
         holder.start_watching()
+    if load_models if start_worker is None else start_worker:
+        backend.trainer.start()
 
     app = Flask("ls_rlhf")
     app.config["SETTINGS"] = settings
@@ -79,6 +98,10 @@ def create_app(
     @app.errorhandler(RegistryError)
     def registry_error(err: RegistryError):
         return jsonify(error=str(err)), 404
+
+    @app.errorhandler(ValueError)
+    def value_error(err: ValueError):
+        return jsonify(error=str(err)), 400
 
     @app.errorhandler(TimeoutError)
     def still_loading(err: TimeoutError):
@@ -131,7 +154,7 @@ def create_app(
         """Label Studio's legacy training call: recorded like the "Start Training" button."""
         payload = _json_object()
         recorded = backend.fit("START_TRAINING", {"project": payload.get("project")})
-        return jsonify(job=recorded["event_id"]), 201
+        return jsonify(job=recorded.get("job"), event=recorded["event_id"]), 201
 
     @app.route("/versions", methods=["GET", "POST"])
     def versions():
@@ -156,6 +179,18 @@ def create_app(
             served=served,
             all=listing,
         )
+
+    @app.get("/jobs")
+    def jobs():
+        project = request.args.get("project", type=int)
+        return jsonify(jobs=[job.as_dict() for job in backend.trainer.store.jobs(project)])
+
+    @app.get("/jobs/<int:job_id>")
+    def job(job_id: int):
+        found = backend.trainer.store.get(job_id)
+        if found is None:
+            raise BadRequest(f"no job {job_id}; GET /jobs lists them", status=404)
+        return jsonify(found.as_dict())
 
     @app.get("/predictions/progress")
     def prediction_progress():

@@ -13,6 +13,7 @@ progress is visible at `/predictions/progress`.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -64,6 +65,7 @@ class RLHFBackend:
         self.holder = holder
         self.events = events
         self.deliveries: dict[str, DeliveryJob] = {}
+        self.trainer = None  # ml_backend.jobs.Trainer, set by the app
         # What Label Studio told /setup per project: where it is and a token to call it back.
         self.label_studio_access: dict[int, tuple[str, str]] = {}
         self.stats = {
@@ -82,12 +84,34 @@ class RLHFBackend:
         if schema_xml:
             read_schema(schema_xml)  # LabelConfigError names what is missing
         project_id = project_id_of(payload.get("project"))
+        self._pin_versions(payload.get("extra_params"))
         hostname, token = payload.get("hostname"), payload.get("access_token")
         if project_id is not None and hostname and token:
             self.label_studio_access[project_id] = (hostname, token)
         if model_version_of(self.holder.registry) != self.holder.model_version:
             self.holder.refresh_soon()
         return {"model_version": self.holder.model_version}
+
+    def _pin_versions(self, extra_params: Any) -> None:
+        """Label Studio's "extra params" of the backend can pin versions:
+        {"reward_version": "v2", "policy_version": "v1"} (a rollback is pinning an older one)."""
+        if isinstance(extra_params, str) and extra_params.strip():
+            try:
+                extra_params = json.loads(extra_params)
+            except json.JSONDecodeError:
+                raise ValueError(
+                    'extra_params must be JSON, e.g. {"reward_version": "v2"}'
+                ) from None
+        if not isinstance(extra_params, dict):
+            return
+        registry = self.holder.registry
+        for kind in ("reward", "policy"):
+            wanted = extra_params.get(f"{kind}_version")
+            if wanted:
+                current = registry.current(kind)
+                if current is None or current.name != wanted:
+                    registry.promote(kind, str(wanted))
+                    log.info("pinned %s-%s through extra_params", kind, wanted)
 
     # -- /predict -------------------------------------------------------------------------
 
@@ -231,4 +255,13 @@ class RLHFBackend:
         recorded = self.events.record({**data, "action": event})
         with self._stats_lock:
             self.stats["webhook_events"] += 1
-        return {"status": "recorded", "event_id": recorded.id, "action": recorded.action}
+        answer: dict[str, Any] = {
+            "status": "recorded",
+            "event_id": recorded.id,
+            "action": recorded.action,
+        }
+        if self.trainer is not None:
+            job = self.trainer.on_event(recorded)
+            if job is not None:
+                answer["job"] = job.id
+        return answer

@@ -293,8 +293,8 @@ def train_reward(
             warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of all steps
             weight_decay=config.weight_decay,
             logging_steps=config.logging_steps,
-            eval_strategy="steps" if len(eval) else "no",
-            eval_steps=max(config.logging_steps * 4, 10),
+            eval_strategy="steps" if len(eval) and config.eval_steps != 0 else "no",
+            eval_steps=config.eval_steps or max(config.logging_steps * 4, 10),
             save_strategy="no",
             report_to=[],
             seed=config.seed,

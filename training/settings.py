@@ -99,10 +99,6 @@ class Settings:
             "help": "New annotations since the last training that trigger a new one (0 = only the button)."
         },
     )
-    train_policy: str = field(
-        default="none",
-        metadata={"help": "Policy step after a promoted reward model: none, ppo, dpo or sft."},
-    )
     redis_url: str = field(
         default="",
         metadata={
@@ -143,10 +139,6 @@ class Settings:
         if self.dtype not in ("float32", "bfloat16"):
             raise SettingsError(
                 f"{ENV_PREFIX}DTYPE must be float32 or bfloat16, not {self.dtype!r}"
-            )
-        if self.train_policy not in ("none", "ppo", "dpo", "sft"):
-            raise SettingsError(
-                f"{ENV_PREFIX}TRAIN_POLICY must be one of none, ppo, dpo, sft, not {self.train_policy!r}"
             )
         if bool(self.basic_auth_user) != bool(self.basic_auth_password):
             raise SettingsError(

@@ -1,0 +1,102 @@
+"""The body of a training job: pull the export, build pairs, train, version, serve.
+
+The webhook that triggered the job is not read here: the data comes from Label Studio's
+export API with the configured key, so a forged webhook can at most cause a run on the
+project's real annotations.
+
+Step budget: the first reward model trains for `RewardTrainingConfig`'s default epochs;
+later runs warm-start from the served version and need far fewer steps to take in the
+new annotations (one pass over the pairs, at most `LOOP_MAX_STEPS` steps), which is what
+keeps the time from annotation to served version short (see bench/loop.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+from ml_backend.jobs import Job, JobStore, execute_job
+from training.datasets import preference_dataset, split_by_prompt
+from training.export import pull_export
+from training.feedback import parse_export
+from training.models import resolve_reward_backbone
+from training.registry import Registry
+from training.reward import RewardTrainingConfig, train_reward
+from training.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MIN_PAIRS = 8
+LOOP_MAX_STEPS = 40
+HELD_OUT_FRACTION = 0.2
+
+
+def run_training(
+    settings: Settings,
+    job: Job,
+    progress: Callable[[float, str], None],
+    access: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """Train a reward version on the project's annotations; returns the job's metrics."""
+    url, key = settings.label_studio_url, settings.label_studio_api_key
+    if not key and access:
+        url, key = access
+    progress(0.02, "pulling annotations from Label Studio")
+    tasks, config = pull_export(url, key, job.project_id)
+    parsed = parse_export(tasks, config)
+    pairs = preference_dataset(parsed.records)
+    summary = {"tasks": len(tasks), "pairs": len(pairs), "problems": len(parsed.problems)}
+    if len(pairs) < MIN_PAIRS:
+        return {
+            "message": f"{len(pairs)} preference pairs: at least {MIN_PAIRS} are needed to train",
+            **summary,
+        }
+    split = split_by_prompt(pairs, HELD_OUT_FRACTION, seed=settings.seed)
+    registry = Registry(settings.registry_dir)
+    warm = registry.current("reward") is not None
+    train_config = RewardTrainingConfig(seed=settings.seed, warm_start=warm)
+    if warm:
+        steps_per_epoch = math.ceil(len(split["train"]) / train_config.per_device_train_batch_size)
+        train_config.max_steps = min(steps_per_epoch, LOOP_MAX_STEPS)
+        train_config.eval_steps = 0  # judged once at the end, against the served version
+    progress(0.1, "training the reward model")
+    result = train_reward(
+        split["train"],
+        split["test"],
+        registry,
+        resolve_reward_backbone(settings.reward_backbone),
+        train_config,
+        data_info={
+            "source": f"project {job.project_id}",
+            "job": job.id,
+            "covers_event_id": job.covers_event_id,
+        },
+        progress=lambda fraction: progress(0.1 + 0.85 * fraction, "training the reward model"),
+    )
+    verdict = (
+        "promoted, now served"
+        if result.promoted
+        else "kept the served version (not better on held-out pairs)"
+    )
+    return {
+        "message": f"{result.version.label}: {verdict}",
+        "reward_version": result.version.label,
+        "promoted": result.promoted,
+        **summary,
+        **{k: v for k, v in result.metrics.items() if v is not None},
+    }
+
+
+def run_queued_job(job_id: int) -> None:
+    """Entry point of `ls-rlhf worker` (RQ): run one job from the shared job store."""
+    settings = Settings.from_env()
+    store = JobStore(settings.state_dir / "jobs.sqlite3")
+    import os
+
+    job = store.claim(f"{os.getpid()}@{os.uname().nodename}", job_id=job_id)
+    if job is None:
+        log.info("job %d is not runnable now (done, or its project has a run going)", job_id)
+        return
+    execute_job(store, job, lambda j, progress: run_training(settings, j, progress))
