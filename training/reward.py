@@ -168,6 +168,9 @@ class RewardTrainingConfig:
             "help": "Pull mean rewards towards 0 (Eisenstein et al., 2023) so scores stay comparable."
         },
     )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Trade compute for memory (large backbones on a GPU)."}
+    )
     eval_fraction: float = field(
         default=0.2, metadata={"help": "Held-out share of prompts when no eval set is given."}
     )
@@ -182,6 +185,12 @@ class RewardTrainingConfig:
     )
     logging_steps: int = field(
         default=5, metadata={"help": "Steps between logged losses (and curve points)."}
+    )
+    eval_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Steps between held-out evaluations (None: 4 x logging_steps; 0: only at the end)."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Random seed."})
 
@@ -276,11 +285,14 @@ def train_reward(
     model, tokenizer = load_sequence_classifier(start_from)
     untrained = RewardModel(model, tokenizer, "before", config.max_length)
     accuracy_before = pairwise_accuracy(untrained, eval)
-    current_accuracy = (
-        pairwise_accuracy(RewardModel.load(current.path, config.max_length), eval)
-        if current
-        else None
-    )
+    if current is None:
+        current_accuracy = None
+    elif start_from == str(current.path):
+        current_accuracy = accuracy_before  # warm start: the untrained model is the current one
+    else:
+        current_accuracy = pairwise_accuracy(
+            RewardModel.load(current.path, config.max_length), eval
+        )
 
     with registry.stage("reward") as staged:
         args = RewardConfig(
@@ -302,6 +314,9 @@ def train_reward(
             max_length=None,  # already truncated by format_reward_input
             disable_tqdm=False,
             use_cpu=not torch.cuda.is_available(),
+            # TRL's defaults (bf16 autocast, gradient checkpointing) make a CPU step >10x slower.
+            bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+            gradient_checkpointing=config.gradient_checkpointing,
         )
         train_ids = tokenize_pairs(train, tokenizer, config.max_length, config.use_margin)
         eval_ids = (
