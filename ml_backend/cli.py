@@ -46,19 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    groups = {
-        "train": sub.add_parser(
-            "train", help="train a reward model or the policy; a new version in the registry"
-        ).add_subparsers(dest="what", metavar="WHAT", required=True),
-        "eval": sub.add_parser("eval", help="evaluate a policy or reward version").add_subparsers(
-            dest="what", metavar="WHAT", required=True
-        ),
+    group_help = {
+        "train": "train a reward model or the policy; a new version in the registry",
+        "eval": "evaluate a policy or reward version",
     }
+    groups: dict[str, argparse._SubParsersAction] = {}
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):  # shared helpers, not commands
             continue
         module = importlib.import_module(f"ml_backend.commands.{info.name}")
         group = info.name.split("_", 1)[0]
+        if group in group_help and group not in groups:
+            groups[group] = sub.add_parser(group, help=group_help[group]).add_subparsers(
+                dest="what", metavar="WHAT", required=True
+            )
         module.register(groups.get(group, sub))
     return parser
 

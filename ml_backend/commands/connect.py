@@ -1,0 +1,100 @@
+"""`ls-rlhf connect`: wire a Label Studio project to the backend in one command."""
+
+from __future__ import annotations
+
+import argparse
+
+from ml_backend.cli import UserError
+from ml_backend.label_studio import LabelStudioError, client, describe, get_project
+from training.label_config import read_schema
+from training.settings import Settings
+
+WEBHOOK_ACTIONS = [
+    "ANNOTATION_CREATED",
+    "ANNOTATION_UPDATED",
+    "ANNOTATIONS_CREATED",
+    "ANNOTATIONS_DELETED",
+]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "connect",
+        help="connect a Label Studio project to the backend (ML backend + webhook)",
+        description="Connect the backend to a project as its ML backend (with Basic auth if the backend "
+        "requires it) and, when LS_RLHF_WEBHOOK_SECRET is set, add a webhook for annotation events that "
+        "carries the secret header. Optionally set the project's label config first.",
+    )
+    parser.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    parser.add_argument(
+        "--backend-url", required=True, help="the backend's URL as Label Studio reaches it"
+    )
+    parser.add_argument(
+        "--config", help="also set the label config: a name in label_configs/ or an .xml file"
+    )
+    parser.add_argument("--title", default="ls-rlhf", help="name of the ML backend in Label Studio")
+    parser.add_argument("--url", help="Label Studio URL (default: LS_RLHF_LABEL_STUDIO_URL)")
+    parser.add_argument(
+        "--api-key", help="Label Studio API key (default: LS_RLHF_LABEL_STUDIO_API_KEY)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import label_configs
+    from ml_backend.app import WEBHOOK_SECRET_HEADER
+
+    settings = Settings.from_env()
+    backend_url = args.backend_url.rstrip("/")
+    try:
+        ls = client(settings, args.url, args.api_key)
+        project = get_project(ls, args.project)
+    except LabelStudioError as err:
+        raise UserError(str(err)) from None
+    try:
+        if args.config:
+            xml = label_configs.load(args.config)
+            read_schema(xml)
+            ls.projects.update(id=args.project, label_config=xml)
+            print(f"project {args.project}: label config set to {args.config}")
+        else:
+            read_schema(project.label_config)  # says what is missing before connecting
+        auth = {}
+        if settings.basic_auth_user:
+            auth = {
+                "auth_method": "BASIC_AUTH",
+                "basic_auth_user": settings.basic_auth_user,
+                "basic_auth_pass": settings.basic_auth_password,
+            }
+        existing = [
+            m for m in ls.ml.list(project=args.project) if (m.url or "").rstrip("/") == backend_url
+        ]
+        if existing:
+            ls.ml.update(id=existing[0].id, project=args.project, url=backend_url, **auth)
+            print(f"project {args.project}: ML backend {existing[0].id} updated")
+        else:
+            ml = ls.ml.create(
+                project=args.project,
+                url=backend_url,
+                title=args.title,
+                is_interactive=False,
+                **auth,
+            )
+            print(f"project {args.project}: ML backend {ml.id} connected")
+        if settings.webhook_secret:
+            ls.webhooks.create(
+                project=args.project,
+                url=f"{backend_url}/webhook",
+                send_payload=True,
+                send_for_all_actions=False,
+                actions=WEBHOOK_ACTIONS,
+                headers={WEBHOOK_SECRET_HEADER: settings.webhook_secret},
+            )
+            print(
+                f"project {args.project}: webhook with the shared secret added for {', '.join(WEBHOOK_ACTIONS)}"
+            )
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - SDK/HTTP errors become one clear line
+        raise UserError(describe(err, f"project {args.project}")) from None
+    return 0

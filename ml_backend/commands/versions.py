@@ -1,0 +1,59 @@
+"""`ls-rlhf versions`: list model versions, pin one, roll back."""
+
+from __future__ import annotations
+
+import argparse
+
+from ml_backend.cli import UserError
+from training.registry import Registry
+from training.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "versions",
+        help="list, pin or roll back model versions (the backend serves the change within seconds)",
+        description="Versions live in the registry under LS_RLHF_HOME/registry. `pin` makes a version the "
+        "one served; `rollback` pins the version that was current before the current one (its parent). "
+        "A running backend picks the change up without a restart.",
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="every version with its metrics")
+    listing.add_argument("--kind", choices=["reward", "policy"], help="only this kind")
+    pin = actions.add_parser("pin", help="serve this version")
+    pin.add_argument("kind", choices=["reward", "policy"])
+    pin.add_argument("version", help="e.g. v2")
+    rollback = actions.add_parser("rollback", help="serve the version before the current one")
+    rollback.add_argument("kind", choices=["reward", "policy"])
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    registry = Registry(Settings.from_env().registry_dir)
+    if args.action == "list":
+        for kind in [args.kind] if args.kind else ["reward", "policy"]:
+            current = registry.current(kind)
+            versions = registry.versions(kind)
+            if not versions:
+                print(f"{kind}: no versions yet")
+            for v in versions:
+                metrics = v.metadata.get("metrics", {})
+                accuracy = metrics.get("accuracy_after")
+                shown = f"held-out accuracy {accuracy:.3f}" if isinstance(accuracy, float) else ""
+                marker = "*" if current and current.name == v.name else " "
+                print(
+                    f"{marker} {v.label:<12} {v.metadata.get('created_at', '')}  parent {v.metadata.get('parent')}  {shown}"
+                )
+        return 0
+    if args.action == "pin":
+        version = registry.promote(args.kind, args.version)
+        print(f"{version.label} is now served")
+        return 0
+    current = registry.current(args.kind)
+    if current is None:
+        raise UserError(f"no {args.kind} version is served yet: nothing to roll back")
+    parent = current.metadata.get("parent")
+    if not parent:
+        raise UserError(f"{current.label} has no previous version to roll back to")
+    print(f"{registry.promote(args.kind, parent).label} is now served (was {current.label})")
+    return 0
