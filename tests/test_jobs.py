@@ -1,0 +1,116 @@
+"""Trigger rules, coalescing, one run per project, recovery after a crash, failures."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from ml_backend.events import EventLog
+from ml_backend.jobs import JobStore, Trainer, execute_job
+
+
+def annotation(project, i):
+    return {"action": "ANNOTATION_CREATED", "annotation": {"id": i}, "project": {"id": project}}
+
+
+@pytest.fixture
+def parts(tmp_path):
+    events = EventLog(tmp_path / "events.sqlite3")
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    runs = []
+
+    def run_job(job, progress):
+        runs.append(job.id)
+        progress(0.5, "halfway")
+        return {"message": "trained", "pairs": 3}
+
+    return events, store, Trainer(events, store, train_every=3, run_job=run_job), runs
+
+
+def test_threshold_of_new_annotations_triggers_once(parts):
+    events, store, trainer, _ = parts
+    jobs = [trainer.on_event(events.record(annotation(1, i))) for i in range(5)]
+    assert [j is not None for j in jobs] == [False, False, True, False, False]
+    assert len(store.jobs(1)) == 1 and store.jobs(1)[0].reason == "3 annotation events"
+    # Events of another project count for that project only.
+    assert trainer.on_event(events.record(annotation(2, 9))) is None
+
+
+def test_start_training_always_triggers_and_deletions_count(parts):
+    events, store, trainer, _ = parts
+    job = trainer.on_event(events.record({"action": "START_TRAINING", "project": {"id": 4}}))
+    assert job is not None and job.reason == "START_TRAINING"
+    deleted = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 1}], "project": {"id": 5}}
+    results = [trainer.on_event(events.record(deleted)) for _ in range(3)]
+    assert results[-1] is not None
+
+
+def test_events_during_a_run_coalesce_into_one_follow_up(parts):
+    events, store, trainer, runs = parts
+    first = trainer.on_event(events.record({"action": "START_TRAINING", "project": {"id": 1}}))
+    claimed = store.claim("me")
+    assert claimed.id == first.id and claimed.state == "running"
+    for i in range(10):
+        trainer.on_event(events.record(annotation(1, i)))
+    trainer.on_event(events.record({"action": "START_TRAINING", "project": {"id": 1}}))
+    states = [j.state for j in store.jobs(1)]
+    assert sorted(states) == ["queued", "running"]
+    assert store.claim("other") is None  # one run per project at a time
+    execute_job(store, claimed, trainer.run_job)
+    follow_up = store.claim("me")
+    assert follow_up is not None and follow_up.covers_event_id == events.last_id()
+
+
+def test_worker_thread_runs_jobs_and_records_metrics(parts):
+    events, store, trainer, runs = parts
+    trainer.start()
+    job = trainer.on_event(events.record({"action": "START_TRAINING", "project": {"id": 7}}))
+    deadline = time.time() + 10
+    while store.get(job.id).state != "done" and time.time() < deadline:
+        time.sleep(0.05)
+    trainer.stop()
+    done = store.get(job.id)
+    assert (
+        done.state == "done"
+        and done.message == "trained"
+        and done.metrics == {"pairs": 3}
+        and done.progress == 1
+    )
+
+
+def test_a_failing_job_records_why_and_keeps_the_log(parts, tmp_path):
+    events, store, _, _ = parts
+
+    def broken(job, progress):
+        raise RuntimeError("Label Studio unreachable")
+
+    trainer = Trainer(events, store, train_every=1, run_job=broken)
+    trainer.on_event(events.record(annotation(3, 1)))
+    execute_job(store, store.claim("me"), broken)
+    (job,) = store.jobs(3)
+    assert job.state == "failed" and "Label Studio unreachable" in job.message
+    assert len(events.events(project_id=3)) == 1
+
+
+def test_jobs_left_running_by_a_dead_process_are_queued_again(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    store.enqueue(1, "test", 1)
+    store.claim(f"999999999@{os.uname().nodename}")  # a pid that does not exist
+    store.enqueue(2, "test", 2)
+    store.claim(f"{os.getppid()}@{os.uname().nodename}")  # a live process keeps its job
+    assert JobStore(tmp_path / "jobs.sqlite3").requeue_abandoned() == 1
+    assert {j.project_id: j.state for j in store.jobs()} == {1: "queued", 2: "running"}
+
+
+def test_concurrent_enqueues_make_one_queued_job(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    threads = [threading.Thread(target=store.enqueue, args=(1, "race", i)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (job,) = store.jobs(1)
+    assert job.state == "queued" and job.covers_event_id == 15
