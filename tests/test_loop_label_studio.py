@@ -1,0 +1,143 @@
+"""The closed loop against a real Label Studio: annotations -> webhook -> training -> new version served."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from ml_backend.cli import main as cli
+from training.finegrained import load_finegrained, to_label_studio_tasks
+
+pytestmark = pytest.mark.label_studio
+
+
+def wait_for(check, timeout=120.0, every=0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met in {timeout} s")
+
+
+def test_annotations_retrain_and_label_studio_sees_the_new_version(
+    settings, label_studio, start_backend, make_project, ls_client, finegrained_path, monkeypatch
+):
+    settings = settings.replace(
+        label_studio_url=label_studio.url, label_studio_api_key=label_studio.token, train_every=10
+    )
+    monkeypatch.setenv("LS_RLHF_LABEL_STUDIO_URL", label_studio.url)
+    monkeypatch.setenv("LS_RLHF_LABEL_STUDIO_API_KEY", label_studio.token)
+    backend = start_backend(settings)
+    project = make_project("pairwise")
+    assert cli(["connect", "--project", str(project.id), "--backend-url", backend.url]) == 0
+    assert requests.post(
+        f"{backend.url}/setup", json={"project": f"{project.id}.1"}, timeout=5
+    ).json()["model_version"] == ("policy-base+reward-none")
+
+    # Tasks without annotations; then annotators answer them one by one (each fires a webhook).
+    tasks = to_label_studio_tasks(load_finegrained(finegrained_path)[:6], "pairwise")[:14]
+    imported = ls_client.projects.import_tasks(
+        id=project.id, request=[{"data": t["data"]} for t in tasks], return_task_ids=True
+    )
+    for task_id, task in list(zip(imported.task_ids, tasks, strict=True))[:9]:
+        ls_client.annotations.create(
+            id=task_id, result=task["annotations"][0]["result"], ground_truth=False
+        )
+    time.sleep(1.0)
+    assert requests.get(f"{backend.url}/jobs", timeout=5).json()["jobs"] == []  # 9 < 10: no run yet
+
+    started = time.monotonic()
+    task_id, task = imported.task_ids[9], tasks[9]
+    ls_client.annotations.create(
+        id=task_id, result=task["annotations"][0]["result"], ground_truth=False
+    )
+    job = wait_for(
+        lambda: next(iter(requests.get(f"{backend.url}/jobs", timeout=5).json()["jobs"]), None),
+        timeout=10,
+    )
+    assert job["reason"] == "10 annotation events"
+    done = wait_for(
+        lambda: (
+            (j := requests.get(f"{backend.url}/jobs/{job['id']}", timeout=5).json())["state"]
+            in ("done", "failed")
+            and j
+        )
+    )
+    assert done["state"] == "done", done["message"]
+    assert done["metrics"]["reward_version"] == "reward-v1" and done["metrics"]["pairs"] >= 8
+
+    # The new version is served without a restart, and Label Studio adopts it from /setup.
+    version = wait_for(
+        lambda: (
+            (
+                v := requests.post(
+                    f"{backend.url}/setup", json={"project": f"{project.id}.1"}, timeout=5
+                ).json()["model_version"]
+            )
+            == "policy-base+reward-v1"
+            and v
+        ),
+        timeout=30,
+    )
+    print(f"annotation -> {version} served in {time.monotonic() - started:.1f} s")
+    rest = imported.task_ids[10:]
+    ls_client.actions.create(
+        id="retrieve_tasks_predictions",
+        project=project.id,
+        selected_items={"all": False, "included": rest},
+    )
+    predictions = wait_for(
+        lambda: (
+            all(ls_client.predictions.list(task=t) for t in rest)
+            and [ls_client.predictions.list(task=t)[0] for t in rest]
+        )
+    )
+    assert all(p.model_version == "policy-base+reward-v1" for p in predictions)
+    assert all(any(r["type"] == "pairwise" for r in p.result) for p in predictions)
+
+
+def test_start_training_button_and_pinning_through_extra_params(
+    settings, label_studio, start_backend, make_project, ls_client, finegrained_path
+):
+    settings = settings.replace(
+        label_studio_url=label_studio.url, label_studio_api_key=label_studio.token, train_every=0
+    )
+    backend = start_backend(settings)
+    project = make_project("ranking")
+    ls_client.projects.import_tasks(
+        id=project.id,
+        request=to_label_studio_tasks(load_finegrained(finegrained_path)[:8], "ranking"),
+    )
+    ml = ls_client.ml.create(
+        project=project.id, url=backend.url, title="ls-rlhf", is_interactive=False
+    )
+    for expected in ("reward-v1", "reward-v2"):
+        ls_client.ml.train(id=ml.id)  # the "Start Training" button
+        wait_for(
+            lambda e=expected: any(
+                j["metrics"].get("reward_version") == e
+                for j in requests.get(f"{backend.url}/jobs", timeout=5).json()["jobs"]
+            )
+        )
+    listing = requests.get(f"{backend.url}/versions", timeout=5).json()
+    assert listing["all"]["reward"] == ["reward-v1", "reward-v2"]
+    # Roll back by pinning v1 through the backend's extra params in Label Studio.
+    ls_client.ml.update(
+        id=ml.id, project=project.id, url=backend.url, extra_params={"reward_version": "v1"}
+    )
+    requests.post(
+        f"{backend.url}/setup",
+        json={"project": f"{project.id}.1", "extra_params": {"reward_version": "v1"}},
+        timeout=5,
+    )
+    wait_for(
+        lambda: (
+            requests.get(f"{backend.url}/health", timeout=5).json().get("model_version")
+            == "policy-base+reward-v1"
+        ),
+        timeout=30,
+    )
