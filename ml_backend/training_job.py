@@ -29,7 +29,7 @@ from training.settings import Settings
 log = logging.getLogger(__name__)
 
 MIN_PAIRS = 8
-LOOP_MAX_STEPS = 40
+LOOP_MAX_STEPS = 12
 HELD_OUT_FRACTION = 0.2
 
 

@@ -124,12 +124,28 @@ class RewardModel:
 
 
 def pairwise_accuracy(model: RewardModel, dataset: Dataset, batch_size: int = 32) -> float:
-    """Fraction of pairs where the chosen answer scores higher than the rejected one."""
+    """Fraction of pairs where the chosen answer scores higher than the rejected one.
+
+    Each distinct (prompt, answer) is scored once: a ranking of K answers gives K(K-1)/2
+    pairs but only K texts, so this is several times cheaper than scoring every pair.
+    """
     if len(dataset) == 0:
         return float("nan")
-    chosen = model.score(dataset["prompt"], dataset["chosen"], batch_size)
-    rejected = model.score(dataset["prompt"], dataset["rejected"], batch_size)
-    return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(dataset)
+    prompts, chosen, rejected = dataset["prompt"], dataset["chosen"], dataset["rejected"]
+    unique = list(
+        dict.fromkeys([*zip(prompts, chosen, strict=True), *zip(prompts, rejected, strict=True)])
+    )
+    scores = dict(
+        zip(
+            unique,
+            model.score([p for p, _ in unique], [a for _, a in unique], batch_size),
+            strict=True,
+        )
+    )
+    wins = sum(
+        scores[(p, c)] > scores[(p, r)] for p, c, r in zip(prompts, chosen, rejected, strict=True)
+    )
+    return wins / len(dataset)
 
 
 def longer_answer_accuracy(dataset: Dataset) -> float:
