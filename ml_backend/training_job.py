@@ -57,6 +57,8 @@ def run_training(
     registry = Registry(settings.registry_dir)
     warm = registry.current("reward") is not None
     train_config = RewardTrainingConfig(seed=settings.seed, warm_start=warm)
+    if settings.reward_max_steps > 0:
+        train_config.max_steps = settings.reward_max_steps
     if warm:
         steps_per_epoch = math.ceil(len(split["train"]) / train_config.per_device_train_batch_size)
         train_config.max_steps = min(steps_per_epoch, LOOP_MAX_STEPS)

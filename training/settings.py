@@ -99,6 +99,12 @@ class Settings:
             "help": "New annotations since the last training that trigger a new one (0 = only the button)."
         },
     )
+    reward_max_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Steps of a first reward training in the loop (0 = two epochs); later runs warm-start with at most 12."
+        },
+    )
     redis_url: str = field(
         default="",
         metadata={
