@@ -95,6 +95,8 @@ def run_size(
     )
     try:
         wait(lambda: _get(f"{url}/health").get("models") == "loaded", 300, 0.5)
+        # Connecting creates Label Studio's webhook to /webhook: annotations reach the backend.
+        ls.ml.create(project=project.id, url=url, title="ls-rlhf", is_interactive=False)
         started = time.monotonic()
         requests.post(
             f"{url}/webhook",
