@@ -44,6 +44,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="stop everything once the tasks exist (for checks)",
     )
+    parser.add_argument(
+        "--simulate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also play N rounds without a person: a simulated annotator (ml_backend/simulate.py) "
+        "answers tasks, webhooks retrain, and each round's figures are printed",
+    )
+    parser.add_argument(
+        "--per-round", type=int, default=40, help="annotations per simulated round (default 40)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -74,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
     studio.start()
     backend_url = f"http://127.0.0.1:{args.backend_port}"
     env_settings = settings.replace(label_studio_url=studio.url, label_studio_api_key=studio.token)
+    if args.simulate:
+        if args.config != "pairwise":
+            raise UserError("--simulate plays the pairwise config; drop --config")
+        env_settings = env_settings.replace(train_every=args.per_round)
     backend = _start_backend(env_settings, args.backend_port, demo_dir / "backend.log")
     try:
         ls = LabelStudio(base_url=studio.url, api_key=studio.token)
@@ -99,6 +114,15 @@ def run(args: argparse.Namespace) -> int:
             "Open a task: the backend's suggestion and reward scores are pre-filled. Ctrl-C stops both.",
             flush=True,
         )
+        if args.simulate:
+            simulate(
+                ls,
+                project.id,
+                backend_url,
+                args.simulate,
+                args.per_round,
+                env_settings.registry_dir,
+            )
         if not args.exit_when_ready:
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
@@ -169,3 +193,110 @@ class _env:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+FINEGRAINED = (
+    Path(__file__).resolve().parents[3]
+    / "shared"
+    / "data"
+    / "finegrainedrlhf"
+    / "qa_feedback_dev.json"
+)
+
+
+def simulate(
+    ls, project_id: int, backend_url: str, rounds: int, per_round: int, registry_dir: Path
+) -> None:
+    """Play `rounds` rounds of annotation and retraining; print one line per round."""
+    import requests
+
+    from ml_backend.simulate import SimulatedAnnotator
+    from training.finegrained import load_finegrained, to_label_studio_tasks
+    from training.registry import Registry
+    from training.reward import RewardModel
+
+    records = load_finegrained(FINEGRAINED) if FINEGRAINED.is_file() else []
+    annotator = SimulatedAnnotator(records)
+    pool = [{"data": t["data"]} for t in to_label_studio_tasks(records, "pairwise")]
+    policy_tasks = [t.data for t in ls.tasks.list(project=project_id)]
+    print(
+        f"\nsimulating {rounds} rounds of {per_round} annotations "
+        f"({'FineGrainedRLHF pairs answered with the recorded human judgments' if pool else 'policy answers, stand-in rule'})",
+        flush=True,
+    )
+    print(
+        f"{'round':>5} {'annotations':>11} {'reward version':>15} {'held-out acc':>12} {'policy':>12} {'mean reward':>11} {'annotation -> served':>21}"
+    )
+    done_jobs: set[int] = set()
+    total = 0
+    for number in range(1, rounds + 1):
+        if pool:
+            batch, pool = pool[:per_round], pool[per_round:]
+            ids = ls.projects.import_tasks(
+                id=project_id, request=batch, return_task_ids=True
+            ).task_ids
+            todo = list(zip(ids, [t["data"] for t in batch], strict=True))
+        else:
+            todo = [
+                (t.id, t.data) for t in ls.tasks.list(project=project_id) if not t.total_annotations
+            ][:per_round]
+            if len(todo) < per_round:
+                raise UserError("no more unannotated tasks: generate more with `ls-rlhf generate`")
+        for task_id, data in todo:
+            ls.annotations.create(
+                id=task_id, result=annotator.pairwise_result(data), ground_truth=False
+            )
+            last_annotation = time.monotonic()
+        total += len(todo)
+        job = _wait_job(requests, backend_url, done_jobs)
+        served = "not promoted"
+        metrics = job.get("metrics", {})
+        if job["state"] == "done" and metrics.get("promoted"):
+            version = metrics["reward_version"]
+            _wait(
+                lambda v=version: (
+                    v
+                    in requests.get(f"{backend_url}/health", timeout=5)
+                    .json()
+                    .get("model_version", "")
+                ),
+                120,
+            )
+            served = f"{time.monotonic() - last_annotation:.1f} s"
+        elif job["state"] == "failed":
+            served = f"failed: {job['message']}"
+        current = Registry(registry_dir).current("reward")
+        mean = float("nan")
+        if current is not None and policy_tasks:
+            model = RewardModel.load(current.path)
+            prompts = [d["prompt"] for d in policy_tasks for _ in (1, 2)]
+            answers = [d[k] for d in policy_tasks for k in ("answer1", "answer2")]
+            scores = model.score(prompts, answers)
+            mean = sum(scores) / len(scores)
+        accuracy = metrics.get("accuracy_after")
+        print(
+            f"{number:>5} {total:>11} {metrics.get('reward_version', '-'):>15} "
+            f"{accuracy if accuracy is None else format(accuracy, '.3f'):>12} {'policy-base':>12} {mean:>11.3f} {served:>21}",
+            flush=True,
+        )
+
+
+def _wait_job(requests, backend_url: str, done: set[int], timeout: float = 3600) -> dict:
+    def finished():
+        for job in requests.get(f"{backend_url}/jobs", timeout=5).json()["jobs"]:
+            if job["id"] not in done and job["state"] in ("done", "failed"):
+                done.add(job["id"])
+                return job
+        return None
+
+    return _wait(finished, timeout)
+
+
+def _wait(check, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise UserError(f"the backend did not finish training in {timeout:.0f} s; see its log")
