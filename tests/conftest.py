@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# No model hub here: everything loads from local folders, and nothing should try the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from tiny_models import build_tiny_policy, build_tiny_reward_backbone  # noqa: E402
 
