@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--with-passages", action="store_true", help="prompt = question + passages")
+    parser.add_argument("--eval-steps", type=int, default=0, help="held-out evaluation every N steps (0: only at the end)")
     args = parser.parse_args()
 
     train_records, test_records = finegrained_split(load_finegrained(DATA))
@@ -76,6 +77,7 @@ def main() -> None:
         per_device_train_batch_size=args.batch_size,
         max_length=args.max_length,
         logging_steps=10,
+        eval_steps=args.eval_steps,
     )
     with tempfile.TemporaryDirectory() as home:
         started = time.perf_counter()
