@@ -41,6 +41,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-steps", type=int, help="exact number of steps (overrides --epochs)")
     parser.add_argument("--batch-size", type=int, help="pairs per step")
     parser.add_argument("--max-length", type=int, help="tokens per (prompt, answer)")
+    parser.add_argument(
+        "--counterfactual-weight",
+        type=float,
+        default=0.0,
+        help="weight of the counterfactual fairness penalty (0 = off): mean |r(text) - r(text with the attribute swapped)|",
+    )
+    parser.add_argument(
+        "--counterfactual-attributes",
+        default="gender,nationality,religion,age",
+        help="attributes the penalty swaps",
+    )
     parser.set_defaults(func=run)
 
 
@@ -85,13 +96,44 @@ def run(args: argparse.Namespace) -> int:
     )
     backbone = resolve_reward_backbone(args.backbone or settings.reward_backbone)
     print(f"{source}: {len(split['train'])} training pairs, {len(split['test'])} held-out pairs")
+    extra_loss = None
+    if args.counterfactual_weight > 0:
+        from training.counterfactual import load_attributes, load_templates
+        from training.fairness import CounterfactualPenalty, counterfactual_pairs
+        from training.models import load_tokenizer
+
+        attributes = load_attributes()
+        chosen = [a.strip() for a in args.counterfactual_attributes.split(",") if a.strip()]
+        if unknown := [a for a in chosen if a not in attributes]:
+            raise UserError(f"unknown attributes {unknown}; known: {', '.join(attributes)}")
+        train = split["train"]
+        variant_pairs = counterfactual_pairs(
+            [attributes[a] for a in chosen],
+            list(train["prompt"]) * 2,
+            list(train["chosen"]) + list(train["rejected"]),
+            load_templates(),
+        )
+        extra_loss = CounterfactualPenalty(
+            load_tokenizer(backbone, padding_side="right"),
+            variant_pairs,
+            args.counterfactual_weight,
+            max_length=config.max_length,
+        )
+        print(
+            f"counterfactual penalty: weight {args.counterfactual_weight}, {len(variant_pairs)} variant pairs"
+        )
     result = train_reward(
         split["train"],
         split["test"],
         Registry(settings.registry_dir),
         backbone,
         config,
-        data_info={"source": source, "pairs": len(pairs)},
+        extra_loss=extra_loss,
+        data_info={
+            "source": source,
+            "pairs": len(pairs),
+            "counterfactual_weight": args.counterfactual_weight,
+        },
     )
     m = result.metrics
     current = "none" if m["current_accuracy"] is None else f"{m['current_accuracy']:.3f}"

@@ -1,0 +1,180 @@
+"""Counterfactual sets, Wasserstein-1, gap reports, and the penalty against a planted bias."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from datasets import Dataset
+
+from ml_backend.cli import main as cli
+from training.counterfactual import Attribute, expand, load_attributes, load_templates
+from training.fairness import (
+    CounterfactualPenalty,
+    counterfactual_pairs,
+    gaps,
+    reward_gap,
+    template_gap,
+    vader_scorer,
+    wasserstein1,
+)
+from training.models import load_tokenizer
+from training.registry import Registry
+from training.reward import RewardModel, RewardTrainingConfig, pairwise_accuracy, train_reward
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ([0.0, 1.0], [0.0, 1.0], 0.0),
+        ([0.0], [1.0], 1.0),
+        ([1.0, 2.0, 3.0], [2.0, 3.0, 4.0], 1.0),  # a shift by 1
+        ([0.0, 0.0, 1.0], [1.0, 1.0], 2 / 3),  # CDFs differ by 2/3 on [0, 1)
+        ([0.0, 2.0], [1.0], 1.0),  # |0-1|/2 + |2-1|/2
+    ],
+)
+def test_wasserstein1_by_hand(a, b, expected):
+    assert wasserstein1(a, b) == pytest.approx(expected)
+    assert wasserstein1(b, a) == pytest.approx(expected)
+
+
+def test_bundled_sets_cover_four_attributes_and_expand_into_every_group():
+    attributes, templates = load_attributes(), load_templates()
+    assert {"gender", "nationality", "religion", "age"} <= set(attributes) <= set(templates)
+    for name, attribute in attributes.items():
+        for group in expand(attribute, templates[name]):
+            assert set(group.variants) == set(attribute.groups)
+            assert len(set(group.variants.values())) == len(
+                attribute.groups
+            )  # really different texts
+    (first, *_) = expand(attributes["age"], ["Describe a {young} driver."])
+    assert first.variants == {"young": "Describe a young driver.", "old": "Describe an old driver."}
+
+
+def test_swap_keeps_case_and_whole_words():
+    gender = load_attributes()["gender"]
+    assert (
+        gender.swap("He told his son. The theme is hers?", "female")
+        == "She told her daughter. The theme is hers?"
+    )
+    assert gender.mentions("my Father") and not gender.mentions("the theme")
+
+
+def test_user_lists_are_validated(tmp_path):
+    path = tmp_path / "attrs.json"
+    path.write_text(json.dumps({"pets": {"groups": ["cat", "dog"], "terms": [["cat"]]}}))
+    with pytest.raises(ValueError, match="needs 2 terms"):
+        load_attributes(path)
+
+
+def test_gap_report_names_the_worst_pair():
+    result = gaps("x", {"a": [0.0, 0.1], "b": [0.0, 0.1], "c": [1.0, 1.1]})
+    assert result.worst_pair[0] in {("a", "c"), ("b", "c")} and result.worst_pair[
+        1
+    ] == pytest.approx(1.0)
+    assert result.average_gap == pytest.approx(2 / 3)
+
+
+def test_vader_scores_sentiment_offline():
+    score = vader_scorer()
+    good, bad = score(
+        ["", ""], ["She is a wonderful, kind doctor.", "She is a terrible, awful doctor."]
+    )
+    assert good > 0.5 and bad < -0.5
+
+
+def planted(n: int, seed: int, bias: bool) -> Dataset:
+    """Pairs where the good answer wins; with `bias`, it is also always about "he"."""
+    rng = random.Random(seed)
+    rows = {"prompt": [], "chosen": [], "rejected": []}
+    for i in range(n):
+        he, she = ("he", "she") if bias or rng.random() < 0.5 else ("she", "he")
+        rows["prompt"].append(f"question {i}")
+        rows["chosen"].append(f"{he} said it is {rng.choice(['good', 'great', 'excellent'])}")
+        rows["rejected"].append(f"{she} said it is {rng.choice(['bad', 'terrible', 'awful'])}")
+    return Dataset.from_dict(rows)
+
+
+def test_penalty_shrinks_a_planted_gender_bias_and_keeps_accuracy(
+    tmp_path, tiny_reward_backbone_dir
+):
+    """Training data where the chosen answer always says "he": the model learns that "he"
+    pushes the reward up. The counterfactual penalty shrinks that gap; accuracy on pairs
+    that do not depend on gender (balanced he/she) stays within 0.1."""
+    backbone = str(tiny_reward_backbone_dir)
+    gender = load_attributes()["gender"]
+    train, unrelated = planted(160, 0, bias=True), planted(60, 1, bias=False)
+    probe_prompts = ["question"] * 6
+    probe_answers = [f"he said it is {w}" for w in ["fine", "ok", "so so", "good", "bad", "great"]]
+    config = RewardTrainingConfig(
+        learning_rate=1e-3, num_train_epochs=4, max_length=64, promote="always"
+    )
+
+    plain = train_reward(train, unrelated, Registry(tmp_path / "plain"), backbone, config)
+    texts = list(train["chosen"]) + list(train["rejected"])
+    pairs = counterfactual_pairs([gender], list(train["prompt"]) * 2, texts, {})
+    penalty = CounterfactualPenalty(
+        load_tokenizer(backbone, "right"), pairs, weight=5.0, batch_size=16, max_length=64
+    )
+    fair = train_reward(
+        train, unrelated, Registry(tmp_path / "fair"), backbone, config, extra_loss=penalty
+    )
+
+    def gap(result) -> float:
+        model = RewardModel.load(result.version.path, max_length=64)
+        return reward_gap(model.score, gender, probe_prompts, probe_answers).average_gap
+
+    plain_gap, fair_gap = gap(plain), gap(fair)
+    print(
+        f"gender gap {plain_gap:.3f} -> {fair_gap:.3f}; unrelated accuracy {plain.metrics['accuracy_after']:.3f} -> {fair.metrics['accuracy_after']:.3f}"
+    )
+    # The planted bias is there: the plain model leaned on "he" and so generalises poorly
+    # to pairs where gender carries no signal.
+    assert plain_gap > 0.01 and plain.metrics["accuracy_after"] < 0.8
+    assert fair_gap < 0.25 * plain_gap
+    assert fair.metrics["accuracy_after"] >= plain.metrics["accuracy_after"] - 0.1
+    assert pairwise_accuracy(
+        RewardModel.load(fair.version.path, max_length=64), unrelated
+    ) == pytest.approx(fair.metrics["accuracy_after"])
+
+
+def test_eval_fairness_command_writes_a_report(
+    settings, tiny_reward_backbone_dir, monkeypatch, tmp_path
+):
+    from conftest import add_reward_version
+
+    add_reward_version(settings, tiny_reward_backbone_dir)
+    monkeypatch.setenv("LS_RLHF_HOME", str(settings.home))
+    monkeypatch.setenv("LS_RLHF_POLICY_MODEL", settings.policy_model)
+    monkeypatch.setenv("LS_RLHF_MAX_NEW_TOKENS", "6")
+    out = tmp_path / "report"
+    assert (
+        cli(
+            [
+                "eval",
+                "fairness",
+                "--policy",
+                "--attributes",
+                "gender,age",
+                "--samples",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    report = (out / "report.md").read_text()
+    assert "Reward (reward-v1)" in report and "Policy sentiment (policy-base)" in report
+    assert (out / "reward_(reward-v1)_gender.png").is_file()
+    measured = json.loads((out / "gaps.json").read_text())
+    assert [g["attribute"] for g in measured["Reward (reward-v1)"]] == ["gender", "age"]
+    assert cli(["eval", "fairness", "--attributes", "planets"]) == 2
+
+
+def test_template_gap_of_a_scorer_that_ignores_the_attribute_is_zero():
+    groups = expand(
+        Attribute("g", ("a", "b"), (("cat", "dog"),)), ["my {cat} sleeps", "the {cat} runs"]
+    )
+    assert template_gap(lambda p, t: [float(len(x)) for x in t], groups).average_gap == 0.0
