@@ -178,3 +178,42 @@ def test_template_gap_of_a_scorer_that_ignores_the_attribute_is_zero():
         Attribute("g", ("a", "b"), (("cat", "dog"),)), ["my {cat} sleeps", "the {cat} runs"]
     )
     assert template_gap(lambda p, t: [float(len(x)) for x in t], groups).average_gap == 0.0
+
+
+def test_biased_flags_become_counterfactual_pairs_and_the_cli_trains_with_the_penalty(
+    tiny_reward_backbone_dir, settings, monkeypatch, tmp_path
+):
+    from training.fairness import pairs_from_flags
+    from training.feedback import Flag, Source
+
+    gender = load_attributes()["gender"]
+    flags = [
+        Flag("Q", "He is too emotional to lead.", "biased", Source(1, 1, 1)),
+        Flag("Q", "The answer is wrong.", "biased", Source(1, 1, 1)),  # no attribute: no pair
+        Flag("Q", "She is rude.", "unsafe", Source(1, 1, 1)),  # not a bias flag
+    ]
+    assert pairs_from_flags(flags, [gender]) == [
+        ("Q", "He is too emotional to lead.", "She is too emotional to lead.")
+    ]
+
+    planted(40, 0, bias=True).save_to_disk(str(tmp_path / "pairs"))
+    monkeypatch.setenv("LS_RLHF_HOME", str(settings.home))
+    monkeypatch.setenv("LS_RLHF_REWARD_BACKBONE", settings.reward_backbone)
+    args = [
+        "train",
+        "reward",
+        "--dataset",
+        str(tmp_path / "pairs"),
+        "--max-steps",
+        "2",
+        "--max-length",
+        "64",
+    ]
+    assert (
+        cli([*args, "--counterfactual-weight", "2", "--counterfactual-attributes", "gender"]) == 0
+    )
+    version = Registry(settings.registry_dir).current("reward")
+    assert version.metadata["data"]["counterfactual_weight"] == 2.0
+    assert (
+        cli([*args, "--counterfactual-weight", "2", "--counterfactual-attributes", "planets"]) == 2
+    )

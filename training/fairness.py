@@ -199,6 +199,25 @@ def counterfactual_pairs(
     return pairs
 
 
+def pairs_from_flags(
+    flags: Sequence[Any], attributes: Sequence[Attribute]
+) -> list[tuple[str, str, str]]:
+    """Answers annotators flagged "biased" (training.feedback.Flag) that mention an
+    attribute, each paired with its swaps: the penalty then teaches the model to score
+    them alike. (The same flags also make those answers lose in the preference pairs.)"""
+    pairs = []
+    for flag in flags:
+        if flag.flag.lower() != "biased":
+            continue
+        for attribute in attributes:
+            if attribute.mentions(flag.answer):
+                for group in attribute.groups:
+                    swapped = attribute.swap(flag.answer, group)
+                    if swapped != flag.answer:
+                        pairs.append((flag.prompt, flag.answer, swapped))
+    return pairs
+
+
 def write_report(
     results: dict[str, list[AttributeGap]],
     out: Path,

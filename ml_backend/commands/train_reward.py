@@ -59,11 +59,13 @@ def run(args: argparse.Namespace) -> int:
     from datasets import load_from_disk
 
     from training.datasets import preference_dataset, split_by_prompt
+    from training.feedback import Flag
     from training.models import resolve_reward_backbone
     from training.registry import Registry
     from training.reward import RewardTrainingConfig, train_reward
 
     settings = Settings.from_env()
+    flags: list = []
     if args.dataset:
         try:
             pairs = load_from_disk(args.dataset)
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         parsed, _tasks, _config, source = load_feedback(args, settings)
         print_problems(parsed)
         pairs = preference_dataset(parsed.records)
+        flags = parsed.of_type(Flag)
     if len(pairs) < MIN_PAIRS:
         raise UserError(
             f"{source} gives {len(pairs)} preference pairs; annotate at least {MIN_PAIRS} comparisons or rankings first"
@@ -99,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     extra_loss = None
     if args.counterfactual_weight > 0:
         from training.counterfactual import load_attributes, load_templates
-        from training.fairness import CounterfactualPenalty, counterfactual_pairs
+        from training.fairness import CounterfactualPenalty, counterfactual_pairs, pairs_from_flags
         from training.models import load_tokenizer
 
         attributes = load_attributes()
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             list(train["prompt"]) * 2,
             list(train["chosen"]) + list(train["rejected"]),
             load_templates(),
-        )
+        ) + pairs_from_flags(flags, [attributes[a] for a in chosen])
         extra_loss = CounterfactualPenalty(
             load_tokenizer(backbone, padding_side="right"),
             variant_pairs,
