@@ -1,0 +1,160 @@
+"""PPO: closed-form pieces against hand-computed values, and learning on a tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from training.models import load_causal_lm
+from training.ppo import (
+    AdaptiveKLController,
+    PPOConfig,
+    PPOTrainer,
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae,
+    kl_estimates,
+    masked_whiten,
+    save_policy_version,
+)
+from training.registry import Registry
+
+
+def test_gae_by_hand():
+    rewards, values = torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.5, 0.5]])
+    # t=2: delta = 1 - 0.5 = 0.5; t=1: delta = 0, A = 0.5*0.5; t=0: A = 0.5*0.25
+    assert gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=0.5).tolist() == [
+        [0.125, 0.25, 0.5]
+    ]
+    # The last token is padding: it neither adds reward nor bootstraps a value.
+    masked = gae(torch.tensor([[0.0, 1.0, 9.0]]), values, torch.tensor([[1.0, 1.0, 0.0]]), 1.0, 0.5)
+    assert masked.tolist() == [[0.25, 0.5, 0.0]]
+    discounted = gae(
+        torch.tensor([[0.0, 1.0]]), torch.zeros(1, 2), torch.ones(1, 2), gamma=0.9, lam=1.0
+    )
+    assert discounted.tolist()[0] == pytest.approx([0.9, 1.0])
+
+
+def test_whitening_by_hand():
+    x, mask = torch.tensor([[1.0, 2.0, 3.0, 4.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    std = math.sqrt(5 / 3)  # unbiased variance of 1..4 is 5/3; the masked 100 is ignored
+    expected = [(v - 2.5) / std for v in (1, 2, 3, 4)] + [0.0]
+    assert masked_whiten(x, mask).tolist()[0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_kl_estimators_by_hand():
+    k = kl_estimates(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)]))
+    assert k["k1"].item() == pytest.approx(math.log(2))
+    assert k["k2"].item() == pytest.approx(0.5 * math.log(2) ** 2)
+    assert k["k3"].item() == pytest.approx(0.5 - 1 + math.log(2))
+
+
+def test_clipping_by_hand():
+    old, new, mask = torch.tensor([[0.0]]), torch.tensor([[math.log(1.5)]]), torch.ones(1, 1)
+    loss, clipfrac = clipped_policy_loss(new, old, torch.tensor([[1.0]]), mask, cliprange=0.2)
+    assert (loss.item(), clipfrac.item()) == (pytest.approx(-1.2), 1.0)  # gain capped at ratio 1.2
+    loss, clipfrac = clipped_policy_loss(new, old, torch.tensor([[-1.0]]), mask, cliprange=0.2)
+    assert (loss.item(), clipfrac.item()) == (
+        pytest.approx(1.5),
+        0.0,
+    )  # a loss is never clipped away
+    value_loss = clipped_value_loss(
+        torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[1.0]]), mask, 0.2
+    )
+    assert value_loss.item() == pytest.approx(0.5 * 0.8**2)
+
+
+def test_adaptive_kl_controller_by_hand():
+    controller = AdaptiveKLController(0.1, target=6.0, horizon=1000)
+    controller.update(current_kl=12.0, n_steps=100)  # error clipped to +0.2
+    assert controller.value == pytest.approx(0.1 * 1.02)
+    controller.update(current_kl=5.7, n_steps=1000)  # error -0.05
+    assert controller.value == pytest.approx(0.1 * 1.02 * 0.95)
+
+
+def letter_e(prompts, texts):
+    """A known, simple reward: the share of 'e' characters in the response (x5)."""
+    return [5 * t.count("e") / max(1, len(t)) for t in texts]
+
+
+def run(policy_dir, **overrides):
+    model, tokenizer = load_causal_lm(str(policy_dir))
+    config = PPOConfig(
+        updates=60,
+        batch_size=16,
+        mini_batch_size=8,
+        learning_rate=1e-3,
+        max_new_tokens=12,
+        missing_eos_penalty=0.0,
+        **overrides,
+    )
+    trainer = PPOTrainer(model, tokenizer, letter_e, config)
+    history = trainer.train([f"prompt number {i}" for i in range(32)])
+    return trainer, history
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def test_ppo_learns_a_known_reward_with_bounded_kl_and_kl_coefficient_matters(
+    tiny_policy_dir, tmp_path
+):
+    trainer, free = run(
+        tiny_policy_dir, init_kl_coef=0.05, adaptive_kl=True, target_kl=4.0, kl_horizon=200
+    )
+    start, end = (
+        mean([h["objective/score"] for h in free[:5]]),
+        mean([h["objective/score"] for h in free[-5:]]),
+    )
+    assert end > 2 * start and end > start + 0.5, (start, end)
+    assert all(math.isfinite(h["objective/kl"]) for h in free)
+    assert (
+        max(h["objective/kl"] for h in free[-10:]) < 60
+    )  # bounded: the controller raised the coefficient
+    assert free[-1]["objective/kl_coef"] > 0.05
+    for key in ("policy/entropy", "policy/clipfrac", "loss/value", "val/explained_variance"):
+        assert all(math.isfinite(h[key]) for h in free), key
+
+    _, tight = run(tiny_policy_dir, init_kl_coef=1.0, adaptive_kl=False)
+    assert mean([h["objective/kl"] for h in tight[-10:]]) < mean(
+        [h["objective/kl"] for h in free[-10:]]
+    )
+
+    version = save_policy_version(trainer, Registry(tmp_path / "registry"), {"reward": "letter_e"})
+    assert (version.path / "config.json").is_file() and (
+        version.path / "training_curves.png"
+    ).is_file()
+    assert version.metadata["metrics"]["objective/score"] == free[-1]["objective/score"]
+    reloaded, _ = load_causal_lm(str(version.path))
+    assert sum(p.numel() for p in reloaded.parameters()) == sum(
+        p.numel() for p in trainer.unwrapped.policy.parameters()
+    )
+
+
+def test_lora_trains_adapters_only_and_saves_a_plain_folder(tiny_policy_dir, tmp_path):
+    model, tokenizer = load_causal_lm(str(tiny_policy_dir))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = PPOTrainer(
+        model,
+        tokenizer,
+        letter_e,
+        PPOConfig(
+            updates=3,
+            batch_size=4,
+            mini_batch_size=2,
+            max_new_tokens=6,
+            lora_r=4,
+            learning_rate=1e-3,
+        ),
+    )
+    trainer.train(["a", "b", "c", "d"])
+    version = save_policy_version(trainer, Registry(tmp_path / "registry"), {})
+    assert not (version.path / "adapter_config.json").exists()
+    merged, _ = load_causal_lm(str(version.path))
+    changed = [
+        k for k, v in merged.state_dict().items() if k in before and not torch.equal(v, before[k])
+    ]
+    assert changed  # the merged adapters changed some weights
