@@ -158,3 +158,44 @@ def test_lora_trains_adapters_only_and_saves_a_plain_folder(tiny_policy_dir, tmp
         k for k, v in merged.state_dict().items() if k in before and not torch.equal(v, before[k])
     ]
     assert changed  # the merged adapters changed some weights
+
+
+def test_train_ppo_command_against_a_reward_version(
+    settings, tiny_reward_backbone_dir, monkeypatch, tmp_path, capsys
+):
+    from conftest import add_reward_version
+
+    from ml_backend.cli import main as cli
+
+    add_reward_version(settings, tiny_reward_backbone_dir)
+    for key, value in {
+        "LS_RLHF_HOME": str(settings.home),
+        "LS_RLHF_POLICY_MODEL": settings.policy_model,
+    }.items():
+        monkeypatch.setenv(key, value)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\nwhat is water\nname a city\n")
+    args = [
+        "train",
+        "ppo",
+        "--prompts",
+        str(prompts),
+        "--updates",
+        "2",
+        "--batch-size",
+        "2",
+        "--mini-batch-size",
+        "1",
+        "--max-new-tokens",
+        "4",
+    ]
+    assert cli(args) == 0
+    assert "policy-v1: score" in capsys.readouterr().out
+    registry = Registry(settings.registry_dir)
+    assert registry.current("policy").metadata["reward_version"] == "reward-v1"
+    assert cli([*args, "--from-current", "--no-promote"]) == 0
+    assert (
+        registry.current("policy").name == "v1"
+        and registry.get("policy", "v2").metadata["parent"] == "v1"
+    )
+    assert cli(["train", "ppo", "--updates", "1"]) == 2  # no prompts: a clear error

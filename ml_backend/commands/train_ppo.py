@@ -1,0 +1,132 @@
+"""`ls-rlhf train ppo`: PPO on the policy against a reward version."""
+
+from __future__ import annotations
+
+import argparse
+
+from ml_backend.cli import UserError
+from training.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "ppo",
+        help="PPO on the policy against a reward version; a new policy version",
+        description="Fine-tune the policy with PPO (training/ppo.py): responses to the prompts are scored "
+        "by a reward version on their decoded text, with a per-token KL penalty to the frozen starting "
+        "policy. Logs reward, KL, entropy, clip fraction, value loss and explained variance every update, "
+        "plots them, and writes a new policy version into the registry.",
+    )
+    source = parser.add_argument_group("prompts (one of)")
+    source.add_argument(
+        "--prompts",
+        help='file of prompts (.jsonl with "prompt", .csv with a prompt column, or .txt)',
+    )
+    source.add_argument(
+        "--project", type=int, help="the prompts of this Label Studio project's tasks"
+    )
+    parser.add_argument(
+        "--reward-version", help="reward version to optimize, e.g. v3 (default: the current one)"
+    )
+    parser.add_argument(
+        "--from-current",
+        action="store_true",
+        help="start from the current policy version, not the base",
+    )
+    parser.add_argument("--updates", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per rollout")
+    parser.add_argument("--mini-batch-size", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=1e-5)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--kl-coef", type=float, default=0.05, help="initial per-token KL coefficient"
+    )
+    parser.add_argument(
+        "--target-kl", type=float, default=6.0, help="target KL of the adaptive controller"
+    )
+    parser.add_argument(
+        "--lora-r",
+        type=int,
+        default=0,
+        help="train LoRA adapters of this rank instead of all weights",
+    )
+    parser.add_argument(
+        "--no-promote", action="store_true", help="write the version without serving it"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ml_backend.tasks import PromptFileError, read_prompts
+    from training.export import prompts_from_tasks, pull_export
+    from training.models import load_causal_lm, resolve_policy
+    from training.ppo import PPOConfig, PPOTrainer, save_policy_version
+    from training.registry import Registry
+    from training.reward import RewardModel
+
+    settings = Settings.from_env()
+    if args.prompts:
+        try:
+            prompts = read_prompts(args.prompts)
+        except PromptFileError as err:
+            raise UserError(str(err)) from None
+    elif args.project is not None:
+        tasks, config = pull_export(
+            settings.label_studio_url, settings.label_studio_api_key, args.project
+        )
+        prompts = prompts_from_tasks(tasks, config)
+    else:
+        raise UserError("say where the prompts are: --prompts FILE or --project ID")
+    if not prompts:
+        raise UserError("no prompts found")
+    registry = Registry(settings.registry_dir)
+    reward_version = (
+        registry.get("reward", args.reward_version)
+        if args.reward_version
+        else registry.current("reward")
+    )
+    if reward_version is None:
+        raise UserError(
+            "no reward version to optimize: train one with `ls-rlhf train reward` first"
+        )
+    reward = RewardModel.load(reward_version.path)
+    current_policy = registry.current("policy")
+    if args.from_current and current_policy is None:
+        raise UserError("no policy version yet: drop --from-current to start from the base policy")
+    start = (
+        str(current_policy.path)
+        if args.from_current
+        else resolve_policy(settings.policy_model, settings.models_cache_dir)
+    )
+    model, tokenizer = load_causal_lm(start)
+    config = PPOConfig(
+        updates=args.updates,
+        batch_size=args.batch_size,
+        mini_batch_size=args.mini_batch_size,
+        learning_rate=args.learning_rate,
+        max_new_tokens=args.max_new_tokens,
+        init_kl_coef=args.kl_coef,
+        target_kl=args.target_kl,
+        lora_r=args.lora_r,
+        seed=settings.seed,
+    )
+    trainer = PPOTrainer(model, tokenizer, reward.score, config)
+    history = trainer.train(prompts)
+    version = save_policy_version(
+        trainer,
+        registry,
+        {
+            "reward_version": reward_version.label,
+            "parent": current_policy.name if args.from_current else None,
+            "started_from": start,
+            "prompts": len(prompts),
+        },
+        promote=not args.no_promote,
+    )
+    first, last = history[0], history[-1]
+    print(
+        f"{version.label}: score {first['objective/score']:.3f} -> {last['objective/score']:.3f}, "
+        f"KL {last['objective/kl']:.3f} after {len(history)} updates; "
+        f"{'now served' if not args.no_promote else 'not promoted'}\ncurves: {version.path / 'training_curves.png'}"
+    )
+    return 0
