@@ -113,3 +113,42 @@ def test_dpo_and_sft_commands_on_real_annotations_from_an_export(
         cli(["train", "sft", "--export", str(tmp_path / "ranking.json"), "--config", "ranking"])
         == 2
     )
+
+
+def test_ilf_keeps_the_refinement_that_follows_the_feedback_or_the_annotators_rewrite(
+    tiny_policy_dir, tmp_path
+):
+    from training.ilf import Embedder, refinements, select_refinement
+    from training.models import resolve_reward_backbone
+
+    embed = Embedder.load(resolve_reward_backbone("default"))  # the real MiniLM encoder
+    index, scores = select_refinement(
+        embed,
+        "The answer should name the city: Paris, the capital of France.",
+        "I am not sure.",
+        ["I am not sure at all, sorry.", "The capital of France is Paris."],
+    )
+    assert index == 1 and scores[1] > scores[0]
+
+    critiques = Dataset.from_dict(
+        {
+            "prompt": ["What is the capital of France?", "Name a fruit."],
+            "completion": ["I am not sure.", "A car."],
+            "feedback": ["Name the city.", "A car is not a fruit."],
+            "refinement": ["", "An apple."],
+        }
+    )
+    model, tokenizer = load_causal_lm(str(tiny_policy_dir))
+    kept = refinements(critiques, model, tokenizer, embed, num_refinements=3, max_new_tokens=6)
+    assert kept["chosen_by"] == ["feedback similarity", "annotator"]
+    assert kept["completion"][1] == "An apple."
+
+    registry = Registry(tmp_path / "registry")
+    version = train_sft(
+        kept,
+        registry,
+        str(tiny_policy_dir),
+        SFTSettings(max_steps=2),
+        metadata={"algorithm": "ilf"},
+    )
+    assert version.metadata["algorithm"] == "ilf"
