@@ -1,0 +1,164 @@
+"""Policy evaluation on held-out prompts: reward, KL to the reference, win rate, samples.
+
+* mean reward of the policy's answers under a reward version (and the reference's);
+* KL(policy || reference): the mean over sampled answers of sum_t log pi(a_t) - log pi_ref(a_t)
+  (the k1 estimator on the policy's own samples);
+* win rate: the share of prompts where the reward model scores the policy's answer above
+  the reference's (a tie counts half);
+* sample answers side by side, in a Markdown report with a plot of both reward distributions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from training.generation import generate_completions, render_prompt
+
+
+@dataclass
+class PolicyEvaluation:
+    prompts: list[str]
+    policy_answers: list[str]
+    reference_answers: list[str]
+    policy_rewards: list[float]
+    reference_rewards: list[float]
+    kl: float
+
+    @property
+    def mean_reward(self) -> float:
+        return sum(self.policy_rewards) / len(self.policy_rewards)
+
+    @property
+    def reference_mean_reward(self) -> float:
+        return sum(self.reference_rewards) / len(self.reference_rewards)
+
+    @property
+    def win_rate(self) -> float:
+        wins = sum(
+            1.0 if p > r else 0.5 if p == r else 0.0
+            for p, r in zip(self.policy_rewards, self.reference_rewards, strict=True)
+        )
+        return wins / len(self.prompts)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "mean_reward": self.mean_reward,
+            "reference_mean_reward": self.reference_mean_reward,
+            "kl_to_reference": self.kl,
+            "win_rate": self.win_rate,
+            "prompts": len(self.prompts),
+        }
+
+
+@torch.no_grad()
+def sequence_kl(policy, reference, tokenizer, prompts: list[str], answers: list[str]) -> float:
+    """Mean over answers of sum_t (log pi - log pi_ref) of the answer tokens."""
+    total = 0.0
+    for prompt, answer in zip(prompts, answers, strict=True):
+        context = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        tokens = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if not tokens:
+            continue
+        ids = torch.tensor([context + tokens], device=policy.device)
+        targets = ids[0, len(context) :]
+
+        total += float(
+            _answer_logprob(policy, ids, targets, len(context))
+            - _answer_logprob(reference, ids, targets, len(context))
+        )
+    return total / max(1, len(answers))
+
+
+def _answer_logprob(
+    model, ids: torch.Tensor, targets: torch.Tensor, context_length: int
+) -> torch.Tensor:
+    logits = model(ids).logits[0, context_length - 1 : -1]
+    return torch.log_softmax(logits, -1).gather(1, targets[:, None]).sum()
+
+
+def evaluate_policy(
+    policy, reference, tokenizer, score, prompts: list[str], max_new_tokens: int = 64, seed: int = 0
+) -> PolicyEvaluation:
+    """`score(prompts, answers) -> rewards` is a reward version's scorer."""
+    policy_answers = [
+        c[0]
+        for c in generate_completions(
+            policy, tokenizer, prompts, 1, max_new_tokens, temperature=0.7, seed=seed
+        )
+    ]
+    reference_answers = [
+        c[0]
+        for c in generate_completions(
+            reference, tokenizer, prompts, 1, max_new_tokens, temperature=0.7, seed=seed
+        )
+    ]
+    return PolicyEvaluation(
+        prompts=prompts,
+        policy_answers=policy_answers,
+        reference_answers=reference_answers,
+        policy_rewards=score(prompts, policy_answers),
+        reference_rewards=score(prompts, reference_answers),
+        kl=sequence_kl(policy, reference, tokenizer, prompts, policy_answers),
+    )
+
+
+def write_policy_report(
+    evaluation: PolicyEvaluation,
+    out: Path,
+    policy_label: str,
+    reference_label: str,
+    reward_label: str,
+    samples: int = 10,
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(
+        [evaluation.reference_rewards, evaluation.policy_rewards],
+        label=[reference_label, policy_label],
+        bins=15,
+    )
+    ax.set(xlabel=f"reward ({reward_label})", ylabel="answers", title="Reward of held-out answers")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "rewards.png", dpi=90)
+    plt.close(fig)
+    s = evaluation.summary()
+    lines = [
+        f"# Policy evaluation: {policy_label} against {reference_label}",
+        "",
+        f"Reward model: {reward_label}; {s['prompts']} held-out prompts.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| mean reward, {policy_label} | {s['mean_reward']:+.4f} |",
+        f"| mean reward, {reference_label} | {s['reference_mean_reward']:+.4f} |",
+        f"| win rate of {policy_label} (reward model as judge) | {s['win_rate']:.3f} |",
+        f"| KL({policy_label} ‖ {reference_label}) per answer | {s['kl_to_reference']:.4f} |",
+        "",
+        "![rewards](rewards.png)",
+        "",
+        f"## Samples\n\n| prompt | {reference_label} | {policy_label} |\n|---|---|---|",
+    ]
+    for prompt, ref, pol, rr, pr in list(
+        zip(
+            evaluation.prompts,
+            evaluation.reference_answers,
+            evaluation.policy_answers,
+            evaluation.reference_rewards,
+            evaluation.policy_rewards,
+            strict=True,
+        )
+    )[:samples]:
+        cell = lambda text: text.replace("|", "\\|").replace("\n", " ")[:300]  # noqa: E731
+        lines.append(f"| {cell(prompt)} | {cell(ref)} ({rr:+.2f}) | {cell(pol)} ({pr:+.2f}) |")
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
