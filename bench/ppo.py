@@ -1,0 +1,218 @@
+"""Benchmark: PPO (training/ppo.py) against TRL's GRPOTrainer, same policy, reward and budget.
+
+Default policy (SmolLM2-135M-Instruct) and a MiniLM reward model trained here on
+FineGrainedRLHF pairs (first 400 questions; --reward-steps). Each trainer runs in its own
+process (so peak memory is its own) for the same budget: --updates optimizer rounds of
+--batch prompts x --generations samples each, --new-tokens tokens per answer. Reported:
+seconds and peak memory per update, mean reward on --eval-prompts held-out questions
+before and after, KL to the starting policy on those answers, and reward gain per CPU
+minute (user + system time of the training).
+
+    .venv/bin/python bench/ppo.py [--updates 6] [--batch 4] [--generations 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DATA = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "data"
+    / "finegrainedrlhf"
+    / "qa_feedback_dev.json"
+)
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def prepare_reward(folder: Path, steps: int) -> None:
+    import label_configs
+    from training.datasets import preference_dataset, split_by_prompt
+    from training.feedback import parse_export
+    from training.finegrained import (
+        finegrained_split,
+        load_finegrained,
+        to_export,
+        to_label_studio_tasks,
+    )
+    from training.models import resolve_reward_backbone
+    from training.registry import Registry
+    from training.reward import RewardTrainingConfig, train_reward
+
+    train_records, _ = finegrained_split(load_finegrained(DATA))
+    tasks = to_label_studio_tasks(train_records, "ranking")
+    pairs = preference_dataset(
+        parse_export(to_export(tasks), label_configs.load("ranking")).records
+    )
+    split = split_by_prompt(pairs, 0.1)
+    config = RewardTrainingConfig(max_steps=steps, max_length=256, eval_steps=0, promote="always")
+    result = train_reward(
+        split["train"], split["test"], Registry(folder), resolve_reward_backbone("default"), config
+    )
+    print(
+        f"reward model: {result.metrics['steps']} steps, held-out accuracy {result.metrics['accuracy_after']:.3f}",
+        flush=True,
+    )
+
+
+def held_out_prompts(n: int) -> tuple[list[str], list[str]]:
+    from training.finegrained import finegrained_split, load_finegrained
+
+    train, test = finegrained_split(load_finegrained(DATA))
+    return [r["question"] for r in train], [r["question"] for r in test[:n]]
+
+
+def evaluate(
+    policy, reference, tokenizer, reward, prompts: list[str], new_tokens: int
+) -> tuple[float, float]:
+    from training.policy_eval import evaluate_policy
+
+    evaluation = evaluate_policy(
+        policy, reference, tokenizer, reward.score, prompts, max_new_tokens=new_tokens
+    )
+    return evaluation.mean_reward, evaluation.kl
+
+
+def run_one(kind: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    from training.models import load_causal_lm, resolve_policy
+    from training.registry import Registry
+    from training.reward import RewardModel
+    from training.settings import Settings
+
+    torch.manual_seed(0)
+    reward = RewardModel.load(Registry(args.reward_registry).current("reward").path)
+    path = resolve_policy("default", Settings.from_env().models_cache_dir)
+    policy, tokenizer = load_causal_lm(path)
+    reference, _ = load_causal_lm(path)
+    train_prompts, eval_prompts = held_out_prompts(args.eval_prompts)
+    before, _ = evaluate(reference, reference, tokenizer, reward, eval_prompts, args.new_tokens)
+    cpu0, wall0 = cpu_seconds(), time.perf_counter()
+    if kind == "ppo":
+        from training.ppo import PPOConfig, PPOTrainer
+
+        # One rollout = batch x generations answers, like GRPO's group of samples.
+        config = PPOConfig(
+            updates=args.updates,
+            batch_size=args.batch * args.generations,
+            mini_batch_size=args.batch,
+            ppo_epochs=1,
+            learning_rate=args.lr,
+            max_new_tokens=args.new_tokens,
+            init_kl_coef=args.kl,
+            adaptive_kl=False,
+            missing_eos_penalty=0.0,
+        )
+        trainer = PPOTrainer(policy, tokenizer, reward.score, config)
+        trainer.train(train_prompts)
+        trained = trainer.unwrapped.policy
+    else:
+        from datasets import Dataset
+        from trl import GRPOConfig, GRPOTrainer
+
+        from training.policy import machine_args
+
+        def reward_func(prompts, completions, **_):
+            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+            questions = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
+            return reward.score(questions, texts)
+
+        data = Dataset.from_dict(
+            {"prompt": [[{"role": "user", "content": p}] for p in train_prompts]}
+        )
+        with tempfile.TemporaryDirectory() as out:
+            grpo_args = GRPOConfig(
+                **machine_args(Path(out)),
+                max_steps=args.updates,
+                per_device_train_batch_size=args.batch * args.generations,
+                num_generations=args.generations,
+                max_completion_length=args.new_tokens,
+                learning_rate=args.lr,
+                beta=args.kl,
+                temperature=1.0,
+            )
+            trainer = GRPOTrainer(
+                model=policy,
+                reward_funcs=reward_func,
+                args=grpo_args,
+                train_dataset=data,
+                processing_class=tokenizer,
+            )
+            trainer.train()
+        trained = policy
+    cpu, wall = cpu_seconds() - cpu0, time.perf_counter() - wall0
+    trained.eval()
+    after, kl = evaluate(trained, reference, tokenizer, reward, eval_prompts, args.new_tokens)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    return {
+        "trainer": kind,
+        "reward_before": before,
+        "reward_after": after,
+        "kl": kl,
+        "seconds_per_update": wall / args.updates,
+        "cpu_minutes": cpu / 60,
+        "peak_gb": peak_gb,
+        "gain_per_cpu_minute": (after - before) / (cpu / 60),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--updates", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=4, help="prompts per update")
+    parser.add_argument("--generations", type=int, default=2, help="answers per prompt")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument(
+        "--kl", type=float, default=0.05, help="KL coefficient (PPO init_kl_coef, GRPO beta)"
+    )
+    parser.add_argument("--eval-prompts", type=int, default=16)
+    parser.add_argument("--reward-steps", type=int, default=40)
+    parser.add_argument("--only", choices=["ppo", "grpo"], help=argparse.SUPPRESS)
+    parser.add_argument("--reward-registry", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.only:
+        print("RESULT " + json.dumps(run_one(args.only, args)), flush=True)
+        return
+    with tempfile.TemporaryDirectory() as registry:
+        prepare_reward(Path(registry), args.reward_steps)
+        rows = []
+        for kind in ("ppo", "grpo"):
+            command = [sys.executable, __file__, "--only", kind, "--reward-registry", registry] + [
+                f"--{k.replace('_', '-')}={v}"
+                for k, v in vars(args).items()
+                if k not in ("only", "reward_registry") and v is not None
+            ]
+            output = subprocess.run(command, capture_output=True, text=True, check=False)
+            line = next((ln for ln in output.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                print(output.stderr[-3000:])
+                raise SystemExit(f"{kind} failed")
+            rows.append(json.loads(line[7:]))
+    print(
+        f"machine: {platform.machine()}; budget: {args.updates} updates x {args.batch} prompts x {args.generations} answers x {args.new_tokens} tokens"
+    )
+    print(
+        f"{'trainer':<8}{'s/update':>10}{'peak GB':>9}{'reward before':>15}{'after':>9}{'KL':>8}{'gain / CPU-min':>16}"
+    )
+    for r in rows:
+        print(
+            f"{r['trainer']:<8}{r['seconds_per_update']:>10.1f}{r['peak_gb']:>9.2f}{r['reward_before']:>15.4f}{r['reward_after']:>9.4f}{r['kl']:>8.3f}{r['gain_per_cpu_minute']:>16.5f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
