@@ -17,17 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import label_configs
 from training.counterfactual import expand, load_attributes, load_templates
-from training.datasets import preference_dataset
 from training.fairness import CounterfactualPenalty, counterfactual_pairs, template_gap
-from training.feedback import parse_export
-from training.finegrained import (
-    finegrained_split,
-    load_finegrained,
-    to_export,
-    to_label_studio_tasks,
-)
+from training.finegrained import finegrained_split, load_finegrained, preference_pairs
 from training.models import load_tokenizer, resolve_reward_backbone
 from training.registry import Registry
 from training.reward import RewardModel, RewardTrainingConfig, train_reward
@@ -41,13 +33,6 @@ DATA = (
 )
 
 
-def pairs(records):
-    tasks = to_label_studio_tasks(records, "pairwise")
-    return preference_dataset(
-        parse_export(to_export(tasks), label_configs.load("pairwise")).records
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-pairs", type=int, default=800)
@@ -56,7 +41,8 @@ def main() -> None:
     args = parser.parse_args()
 
     train_records, test_records = finegrained_split(load_finegrained(DATA))
-    train, test = pairs(train_records).select(range(args.train_pairs)), pairs(test_records)
+    train = preference_pairs(train_records).select(range(args.train_pairs))
+    test = preference_pairs(test_records)
     backbone = resolve_reward_backbone("default")
     attributes, templates = load_attributes(), load_templates()
     groups = {name: expand(attributes[name], templates[name]) for name in attributes}

@@ -38,25 +38,14 @@ def cpu_seconds() -> float:
 
 
 def prepare_reward(folder: Path, steps: int) -> None:
-    import label_configs
-    from training.datasets import preference_dataset, split_by_prompt
-    from training.feedback import parse_export
-    from training.finegrained import (
-        finegrained_split,
-        load_finegrained,
-        to_export,
-        to_label_studio_tasks,
-    )
+    from training.datasets import split_by_prompt
+    from training.finegrained import finegrained_split, load_finegrained, preference_pairs
     from training.models import resolve_reward_backbone
     from training.registry import Registry
     from training.reward import RewardTrainingConfig, train_reward
 
     train_records, _ = finegrained_split(load_finegrained(DATA))
-    tasks = to_label_studio_tasks(train_records, "ranking")
-    pairs = preference_dataset(
-        parse_export(to_export(tasks), label_configs.load("ranking")).records
-    )
-    split = split_by_prompt(pairs, 0.1)
+    split = split_by_prompt(preference_pairs(train_records, "ranking"), 0.1)
     config = RewardTrainingConfig(max_steps=steps, max_length=256, eval_steps=0, promote="always")
     result = train_reward(
         split["train"], split["test"], Registry(folder), resolve_reward_backbone("default"), config

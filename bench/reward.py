@@ -20,15 +20,7 @@ from pathlib import Path
 
 import torch
 
-import label_configs
-from training.datasets import preference_dataset
-from training.feedback import parse_export
-from training.finegrained import (
-    finegrained_split,
-    load_finegrained,
-    to_export,
-    to_label_studio_tasks,
-)
+from training.finegrained import finegrained_split, load_finegrained, preference_pairs
 from training.models import load_sequence_classifier, resolve_reward_backbone
 from training.registry import Registry
 from training.reward import (
@@ -48,13 +40,6 @@ DATA = (
 )
 
 
-def pairs(records, with_passages: bool):
-    tasks = to_label_studio_tasks(records, "pairwise", with_passages=with_passages)
-    return preference_dataset(
-        parse_export(to_export(tasks), label_configs.load("pairwise")).records
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="default")
@@ -63,11 +48,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--with-passages", action="store_true", help="prompt = question + passages")
-    parser.add_argument("--eval-steps", type=int, default=0, help="held-out evaluation every N steps (0: only at the end)")
+    parser.add_argument(
+        "--eval-steps",
+        type=int,
+        default=0,
+        help="held-out evaluation every N steps (0: only at the end)",
+    )
     args = parser.parse_args()
 
     train_records, test_records = finegrained_split(load_finegrained(DATA))
-    train, test = pairs(train_records, args.with_passages), pairs(test_records, args.with_passages)
+    train = preference_pairs(train_records, with_passages=args.with_passages)
+    test = preference_pairs(test_records, with_passages=args.with_passages)
     backbone = resolve_reward_backbone(args.backbone)
     model, tokenizer = load_sequence_classifier(backbone)
     untrained = pairwise_accuracy(RewardModel(model, tokenizer, "untrained", args.max_length), test)

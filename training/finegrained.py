@@ -170,6 +170,17 @@ def to_export(tasks: list[dict], first_task_id: int = 1) -> list[dict]:
     return exported
 
 
+def preference_pairs(records: list[dict], kind: str = "pairwise", with_passages: bool = False):
+    """The records' human judgments as preference pairs, through the real path:
+    Label Studio tasks -> export JSON -> feedback records -> `preference_dataset`."""
+    import label_configs
+    from training.datasets import preference_dataset
+    from training.feedback import parse_export
+
+    tasks = to_label_studio_tasks(records, kind, with_passages=with_passages)
+    return preference_dataset(parse_export(to_export(tasks), label_configs.load(kind)).records)
+
+
 def _task(data: dict, results: list[dict]) -> dict:
     return {
         "data": data,

@@ -3,6 +3,7 @@ data for chat models, sequence log-probabilities, and committing a policy versio
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +84,35 @@ def commit_policy(
             fig.savefig(staged / "training_curves.png", dpi=90)
             plt.close(fig)
         return registry.commit("policy", staged, metadata, promote=promote)
+
+
+def fit_with_trl(
+    trainer_class: type,
+    config_class: type,
+    settings: Any,
+    model,
+    tokenizer,
+    data: Dataset,
+    registry: Registry,
+    metadata: dict[str, Any],
+    promote: bool,
+) -> Version:
+    """Train with a TRL trainer whose config takes `settings`' fields, then commit a version.
+
+    `settings` is a dataclass whose field names are the TRL config's (learning_rate, ...).
+    """
+    with registry.stage("policy") as scratch:
+        args = config_class(**machine_args(scratch / "trainer"), **asdict(settings))
+        trainer = trainer_class(
+            model=model, args=args, train_dataset=data, processing_class=tokenizer
+        )
+        result = trainer.train()
+    metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step}
+    return commit_policy(
+        model,
+        tokenizer,
+        registry,
+        {"config": asdict(settings), "metrics": metrics, **metadata},
+        promote,
+        trainer.state.log_history,
+    )

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from training.models import load_causal_lm
-from training.policy import commit_policy, conversational, machine_args
+from training.policy import conversational, fit_with_trl
 from training.registry import Registry, Version
 
 
@@ -42,31 +42,14 @@ def train_dpo(
     data = conversational(
         pairs.select_columns(["prompt", "chosen", "rejected"]), tokenizer, ("chosen", "rejected")
     )
-    with registry.stage("policy") as scratch:
-        args = DPOConfig(
-            **machine_args(scratch / "trainer"),
-            beta=settings.beta,
-            learning_rate=settings.learning_rate,
-            num_train_epochs=settings.num_train_epochs,
-            max_steps=settings.max_steps,
-            per_device_train_batch_size=settings.per_device_train_batch_size,
-            max_length=settings.max_length,
-        )
-        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-        result = trainer.train()
-        history = trainer.state.log_history
-    return commit_policy(
+    return fit_with_trl(
+        DPOTrainer,
+        DPOConfig,
+        settings,
         model,
         tokenizer,
+        data,
         registry,
-        {
-            "algorithm": "dpo",
-            "config": asdict(settings),
-            "started_from": start_from,
-            "pairs": len(pairs),
-            "metrics": {"train_loss": result.training_loss, "steps": trainer.state.global_step},
-            **(metadata or {}),
-        },
+        {"algorithm": "dpo", "started_from": start_from, "pairs": len(pairs), **(metadata or {})},
         promote,
-        history,
     )

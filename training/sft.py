@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from training.models import load_causal_lm
-from training.policy import commit_policy, conversational, machine_args
+from training.policy import conversational, fit_with_trl
 from training.registry import Registry, Version
 
 
@@ -40,30 +40,19 @@ def train_sft(
     data = conversational(
         examples.select_columns(["prompt", "completion"]), tokenizer, ("completion",)
     )
-    with registry.stage("policy") as scratch:
-        args = SFTConfig(
-            **machine_args(scratch / "trainer"),
-            learning_rate=settings.learning_rate,
-            num_train_epochs=settings.num_train_epochs,
-            max_steps=settings.max_steps,
-            per_device_train_batch_size=settings.per_device_train_batch_size,
-            max_length=settings.max_length,
-        )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-        result = trainer.train()
-        history = trainer.state.log_history
-    return commit_policy(
+    return fit_with_trl(
+        SFTTrainer,
+        SFTConfig,
+        settings,
         model,
         tokenizer,
+        data,
         registry,
         {
             "algorithm": "sft",
-            "config": asdict(settings),
             "started_from": start_from,
             "examples": len(examples),
-            "metrics": {"train_loss": result.training_loss, "steps": trainer.state.global_step},
             **(metadata or {}),
         },
         promote,
-        history,
     )
