@@ -19,7 +19,7 @@ from typing import Any
 
 from ml_backend.jobs import Job, JobStore, execute_job
 from training.datasets import preference_dataset, split_by_prompt
-from training.export import pull_export
+from training.export import prompts_from_tasks, pull_export
 from training.feedback import parse_export
 from training.models import resolve_reward_backbone
 from training.registry import Registry
@@ -82,13 +82,122 @@ def run_training(
         if result.promoted
         else "kept the served version (not better on held-out pairs)"
     )
-    return {
+    metrics = {
         "message": f"{result.version.label}: {verdict}",
         "reward_version": result.version.label,
         "promoted": result.promoted,
         **summary,
         **{k: v for k, v in result.metrics.items() if v is not None},
     }
+    if result.promoted and settings.loop_policy != "none":
+        progress(0.96, f"policy step ({settings.loop_policy})")
+        prompts = prompts_from_tasks(tasks, config)
+        policy = policy_step(settings, registry, prompts, split["train"], job)
+        metrics.update(policy)
+        metrics["message"] += f"; {policy['policy_version']} trained with {settings.loop_policy}"
+        if settings.next_round > 0:
+            progress(0.98, "generating the next round of tasks")
+            created = next_round(settings, url, key, job.project_id, config, prompts, registry)
+            metrics["next_round_tasks"] = created
+            metrics["message"] += f"; {created} new tasks from it"
+    return metrics
+
+
+def policy_step(
+    settings: Settings, registry: Registry, prompts: list[str], pairs, job: Job
+) -> dict[str, Any]:
+    """Train the policy after a promoted reward version: PPO against it, or DPO on the pairs."""
+    from training.models import load_causal_lm, resolve_policy
+
+    current = registry.current("policy")
+    start = (
+        str(current.path)
+        if current
+        else resolve_policy(settings.policy_model, settings.models_cache_dir)
+    )
+    metadata = {"parent": current.name if current else None, "started_from": start, "job": job.id}
+    if settings.loop_policy == "dpo":
+        from training.preference import DPOSettings, train_dpo
+
+        version = train_dpo(
+            pairs,
+            registry,
+            start,
+            DPOSettings(max_steps=settings.loop_policy_updates),
+            metadata=metadata,
+        )
+        return {
+            "policy_version": version.label,
+            "policy_train_loss": version.metadata["metrics"]["train_loss"],
+        }
+    from training.ppo import PPOConfig, PPOTrainer, save_policy_version
+    from training.reward import RewardModel
+
+    reward_version = registry.current("reward")
+    model, tokenizer = load_causal_lm(start)
+    config = PPOConfig(
+        updates=settings.loop_policy_updates,
+        batch_size=4,
+        mini_batch_size=2,
+        max_new_tokens=settings.max_new_tokens,
+        seed=settings.seed,
+    )
+    trainer = PPOTrainer(model, tokenizer, RewardModel.load(reward_version.path).score, config)
+    history = trainer.train(prompts)
+    version = save_policy_version(
+        trainer, registry, {**metadata, "reward_version": reward_version.label}
+    )
+    return {
+        "policy_version": version.label,
+        "policy_score_first": history[0]["objective/score"],
+        "policy_score_last": history[-1]["objective/score"],
+        "policy_kl": history[-1]["objective/kl"],
+    }
+
+
+def next_round(
+    settings: Settings,
+    url: str,
+    key: str,
+    project_id: int,
+    config: str,
+    prompts: list[str],
+    registry: Registry,
+) -> int:
+    """New comparison tasks from the current policy (InstructGPT's steps two and three repeat)."""
+    from label_studio_sdk import LabelStudio
+
+    from ml_backend.tasks import completions_needed, task_data
+    from training.generation import generate_completions
+    from training.label_config import read_schema
+    from training.models import load_causal_lm
+
+    version = registry.current("policy")
+    schema = read_schema(config)
+    chosen = [prompts[i % len(prompts)] for i in range(settings.next_round)]
+    model, tokenizer = load_causal_lm(str(version.path), dtype=settings.dtype)
+    k = completions_needed(schema, settings.num_completions)
+    completions = (
+        generate_completions(
+            model,
+            tokenizer,
+            chosen,
+            k,
+            settings.max_new_tokens,
+            settings.temperature,
+            settings.top_p,
+            settings.generation_batch_size,
+            settings.seed,
+        )
+        if k
+        else [[] for _ in chosen]
+    )
+    tasks = [
+        {"data": task_data(schema, p, c, version.label)}
+        for p, c in zip(chosen, completions, strict=True)
+    ]
+    LabelStudio(base_url=url, api_key=key).projects.import_tasks(id=project_id, request=tasks)
+    return len(tasks)
 
 
 def run_queued_job(job_id: int) -> None:

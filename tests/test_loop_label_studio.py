@@ -141,3 +141,49 @@ def test_start_training_button_and_pinning_through_extra_params(
         ),
         timeout=30,
     )
+
+
+def test_the_loop_trains_the_policy_and_writes_the_next_round_of_tasks(
+    settings, label_studio, start_backend, make_project, ls_client, finegrained_path
+):
+    settings = settings.replace(
+        label_studio_url=label_studio.url,
+        label_studio_api_key=label_studio.token,
+        train_every=0,
+        loop_policy="ppo",
+        loop_policy_updates=2,
+        next_round=3,
+    )
+    backend = start_backend(settings)
+    project = make_project("pairwise")
+    ls_client.projects.import_tasks(
+        id=project.id,
+        request=to_label_studio_tasks(load_finegrained(finegrained_path)[:4], "pairwise"),
+    )
+    before = len(list(ls_client.tasks.list(project=project.id)))
+    requests.post(
+        f"{backend.url}/webhook",
+        json={"action": "START_TRAINING", "project": {"id": project.id}},
+        timeout=5,
+    )
+    job = wait_for(
+        lambda: (
+            (j := requests.get(f"{backend.url}/jobs", timeout=5).json()["jobs"][0])["state"]
+            in ("done", "failed")
+            and j
+        )
+    )
+    assert job["state"] == "done", job["message"]
+    assert (
+        job["metrics"]["policy_version"] == "policy-v1" and job["metrics"]["next_round_tasks"] == 3
+    )
+    tasks = list(ls_client.tasks.list(project=project.id))
+    assert len(tasks) == before + 3
+    assert sum(1 for t in tasks if t.data.get("policy_version") == "policy-v1") == 3
+    wait_for(
+        lambda: (
+            requests.get(f"{backend.url}/health", timeout=5).json().get("model_version")
+            == "policy-v1+reward-v1"
+        ),
+        timeout=30,
+    )

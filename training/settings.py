@@ -105,6 +105,21 @@ class Settings:
             "help": "Steps of a first reward training in the loop (0 = two epochs); later runs warm-start with at most 12."
         },
     )
+    loop_policy: str = field(
+        default="none",
+        metadata={
+            "help": "Policy step after the loop promotes a reward version: none, ppo or dpo."
+        },
+    )
+    loop_policy_updates: int = field(
+        default=4, metadata={"help": "PPO updates (or DPO steps) of that policy step."}
+    )
+    next_round: int = field(
+        default=0,
+        metadata={
+            "help": "After a policy step, generate this many new tasks from the new policy into the project."
+        },
+    )
     redis_url: str = field(
         default="",
         metadata={
@@ -145,6 +160,10 @@ class Settings:
         if self.dtype not in ("float32", "bfloat16"):
             raise SettingsError(
                 f"{ENV_PREFIX}DTYPE must be float32 or bfloat16, not {self.dtype!r}"
+            )
+        if self.loop_policy not in ("none", "ppo", "dpo"):
+            raise SettingsError(
+                f"{ENV_PREFIX}LOOP_POLICY must be none, ppo or dpo, not {self.loop_policy!r}"
             )
         if bool(self.basic_auth_user) != bool(self.basic_auth_password):
             raise SettingsError(
