@@ -265,9 +265,15 @@ def simulate(
             served = f"{time.monotonic() - last_annotation:.1f} s"
         elif job["state"] == "failed":
             served = f"failed: {job['message']}"
-        current = Registry(registry_dir).current("reward")
+        registry = Registry(registry_dir)
+        current = registry.current("reward")
+        policy = registry.current("policy")
         mean = float("nan")
-        if current is not None and policy_tasks:
+        if "policy_score_last" in metrics:
+            # PPO's own figure: the new reward model's mean score of the updated policy's answers.
+            mean = metrics["policy_score_last"]
+        elif current is not None and policy_tasks:
+            # No policy step this round: the served reward model scores the policy's answers in the project.
             model = RewardModel.load(current.path)
             prompts = [d["prompt"] for d in policy_tasks for _ in (1, 2)]
             answers = [d[k] for d in policy_tasks for k in ("answer1", "answer2")]
@@ -276,7 +282,7 @@ def simulate(
         accuracy = metrics.get("accuracy_after")
         print(
             f"{number:>5} {total:>11} {metrics.get('reward_version', '-'):>15} "
-            f"{accuracy if accuracy is None else format(accuracy, '.3f'):>12} {'policy-base':>12} {mean:>11.3f} {served:>21}",
+            f"{accuracy if accuracy is None else format(accuracy, '.3f'):>12} {policy.label if policy else 'base':>12} {mean:>11.3f} {served:>21}",
             flush=True,
         )
 
