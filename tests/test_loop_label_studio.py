@@ -187,3 +187,48 @@ def test_the_loop_trains_the_policy_and_writes_the_next_round_of_tasks(
         ),
         timeout=30,
     )
+
+
+def test_connect_with_a_secret_leaves_one_webhook_and_each_annotation_counts_once(
+    settings, label_studio, start_backend, make_project, ls_client, finegrained_path, monkeypatch
+):
+    settings = settings.replace(
+        label_studio_url=label_studio.url,
+        label_studio_api_key=label_studio.token,
+        train_every=3,
+        webhook_secret="loop-secret",
+    )
+    monkeypatch.setenv("LS_RLHF_LABEL_STUDIO_URL", label_studio.url)
+    monkeypatch.setenv("LS_RLHF_LABEL_STUDIO_API_KEY", label_studio.token)
+    monkeypatch.setenv("LS_RLHF_WEBHOOK_SECRET", "loop-secret")
+    backend = start_backend(settings)
+    project = make_project("pairwise")
+    # Twice: connecting again must not add a second webhook.
+    for _ in range(2):
+        assert cli(["connect", "--project", str(project.id), "--backend-url", backend.url]) == 0
+    hooks = [
+        w for w in ls_client.webhooks.list(project=str(project.id)) if "/webhook" in (w.url or "")
+    ]
+    assert len(hooks) == 1 and hooks[0].headers == {"X-LS-RLHF-Secret": "loop-secret"}
+
+    tasks = to_label_studio_tasks(load_finegrained(finegrained_path)[:2], "pairwise")[:3]
+    imported = ls_client.projects.import_tasks(
+        id=project.id, request=[{"data": t["data"]} for t in tasks], return_task_ids=True
+    )
+    pairs = list(zip(imported.task_ids, tasks, strict=True))
+    for task_id, task in pairs[:2]:
+        ls_client.annotations.create(
+            id=task_id, result=task["annotations"][0]["result"], ground_truth=False
+        )
+    time.sleep(1.5)
+    # Delivered twice, two annotations would already be 4 events >= 3.
+    assert requests.get(f"{backend.url}/jobs", timeout=5).json()["jobs"] == []
+    task_id, task = pairs[2]
+    ls_client.annotations.create(
+        id=task_id, result=task["annotations"][0]["result"], ground_truth=False
+    )
+    job = wait_for(
+        lambda: next(iter(requests.get(f"{backend.url}/jobs", timeout=5).json()["jobs"]), None),
+        timeout=10,
+    )
+    assert job["reason"] == "3 annotation events"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 
 from ml_backend.cli import UserError
 from ml_backend.label_studio import LabelStudioError, client, describe, get_project
@@ -42,7 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import label_configs
-    from ml_backend.app import WEBHOOK_SECRET_HEADER
 
     settings = Settings.from_env()
     backend_url = args.backend_url.rstrip("/")
@@ -81,20 +81,50 @@ def run(args: argparse.Namespace) -> int:
                 **auth,
             )
             print(f"project {args.project}: ML backend {ml.id} connected")
-        if settings.webhook_secret:
-            ls.webhooks.create(
-                project=args.project,
-                url=f"{backend_url}/webhook",
-                send_payload=True,
-                send_for_all_actions=False,
-                actions=WEBHOOK_ACTIONS,
-                headers={WEBHOOK_SECRET_HEADER: settings.webhook_secret},
-            )
-            print(
-                f"project {args.project}: webhook with the shared secret added for {', '.join(WEBHOOK_ACTIONS)}"
-            )
+        _ensure_webhook(ls, args.project, f"{backend_url}/webhook", settings)
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - SDK/HTTP errors become one clear line
         raise UserError(describe(err, f"project {args.project}")) from None
     return 0
+
+
+def _ensure_webhook(ls, project_id: int, url: str, settings: Settings) -> None:
+    """One webhook to the backend's /webhook that the backend accepts.
+
+    Label Studio creates a webhook for every new ML backend by itself (all actions, no
+    headers). A second one would deliver each event twice (counted twice towards the
+    threshold), and one without credentials is refused by a backend with a secret or Basic
+    auth; so the existing one is updated to carry the credentials instead.
+    """
+    from ml_backend.app import WEBHOOK_SECRET_HEADER
+
+    headers: dict[str, str] = {}
+    if settings.webhook_secret:
+        headers = {WEBHOOK_SECRET_HEADER: settings.webhook_secret}
+    elif settings.basic_auth_user:
+        pair = f"{settings.basic_auth_user}:{settings.basic_auth_password}".encode()
+        headers = {"Authorization": f"Basic {base64.b64encode(pair).decode()}"}
+    fields = {
+        "url": url,
+        "send_payload": True,
+        "send_for_all_actions": False,
+        "actions": WEBHOOK_ACTIONS,
+        "headers": headers,
+        "is_active": True,
+    }
+    existing = [w for w in ls.webhooks.list(project=str(project_id)) if w.url == url]
+    if existing:
+        ls.webhooks.update(id=existing[0].id, **fields)
+        for extra in existing[1:]:
+            ls.webhooks.delete(id=extra.id)
+    else:
+        ls.webhooks.create(project=project_id, **fields)
+    guard = (
+        " with the shared secret"
+        if settings.webhook_secret
+        else " with Basic auth"
+        if headers
+        else ""
+    )
+    print(f"project {project_id}: webhook{guard} for {', '.join(WEBHOOK_ACTIONS)}")
