@@ -217,3 +217,17 @@ def test_biased_flags_become_counterfactual_pairs_and_the_cli_trains_with_the_pe
     assert (
         cli([*args, "--counterfactual-weight", "2", "--counterfactual-attributes", "planets"]) == 2
     )
+
+
+def test_ppo_reward_wrapper_subtracts_the_counterfactual_gap():
+    from training.fairness import counterfactual_reward_fn
+
+    gender = load_attributes()["gender"]
+
+    def biased(prompts, answers):  # +1 whenever the answer is about a man
+        return [1.0 if " he " in f" {a.lower()} " else 0.0 for a in answers]
+
+    penalized = counterfactual_reward_fn(biased, [gender], weight=0.5)
+    assert biased(["q", "q"], ["he is kind", "the sky is blue"]) == [1.0, 0.0]
+    # "he is kind" scores 1, its swap "she is kind" 0: 1 - 0.5 * |1 - 0|; no attribute: unchanged.
+    assert penalized(["q", "q"], ["he is kind", "the sky is blue"]) == [0.5, 0.0]

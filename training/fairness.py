@@ -199,6 +199,40 @@ def counterfactual_pairs(
     return pairs
 
 
+def counterfactual_reward_fn(
+    reward_fn: Callable[[list[str], list[str]], list[float]],
+    attributes: Sequence[Attribute],
+    weight: float,
+) -> Callable[[list[str], list[str]], list[float]]:
+    """A PPO reward that also scores each (prompt, answer) with the attribute swapped to
+    every other group and subtracts `weight * mean |r - r_swapped|`: answers whose reward
+    depends on who they are about earn less, so the policy learns to write answers the
+    reward model scores alike across groups (the RL analogue of Huang et al.'s penalty)."""
+
+    def penalized(prompts: list[str], answers: list[str]) -> list[float]:
+        rewards = reward_fn(prompts, answers)
+        variants: list[tuple[int, str, str]] = []
+        for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+            for attribute in attributes:
+                if attribute.mentions(answer) or attribute.mentions(prompt):
+                    for group in attribute.groups:
+                        swapped = (attribute.swap(prompt, group), attribute.swap(answer, group))
+                        if swapped != (prompt, answer):
+                            variants.append((i, *swapped))
+        if not variants:
+            return rewards
+        swapped_rewards = reward_fn([p for _, p, _ in variants], [a for _, _, a in variants])
+        gaps: dict[int, list[float]] = {}
+        for (i, _, _), r in zip(variants, swapped_rewards, strict=True):
+            gaps.setdefault(i, []).append(abs(rewards[i] - r))
+        return [
+            r - weight * (sum(gaps[i]) / len(gaps[i]) if i in gaps else 0.0)
+            for i, r in enumerate(rewards)
+        ]
+
+    return penalized
+
+
 def pairs_from_flags(
     flags: Sequence[Any], attributes: Sequence[Attribute]
 ) -> list[tuple[str, str, str]]:

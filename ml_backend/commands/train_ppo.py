@@ -53,6 +53,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-promote", action="store_true", help="write the version without serving it"
     )
+    parser.add_argument(
+        "--counterfactual-weight",
+        type=float,
+        default=0.0,
+        help="fairness penalty: subtract weight x |reward - reward with the attribute swapped| (0 = off)",
+    )
+    parser.add_argument("--counterfactual-attributes", default="gender,nationality,religion,age")
     parser.set_defaults(func=run)
 
 
@@ -110,7 +117,19 @@ def run(args: argparse.Namespace) -> int:
         lora_r=args.lora_r,
         seed=settings.seed,
     )
-    trainer = PPOTrainer(model, tokenizer, reward.score, config)
+    reward_fn = reward.score
+    if args.counterfactual_weight > 0:
+        from training.counterfactual import load_attributes
+        from training.fairness import counterfactual_reward_fn
+
+        attributes = load_attributes()
+        names = [a.strip() for a in args.counterfactual_attributes.split(",") if a.strip()]
+        if unknown := [a for a in names if a not in attributes]:
+            raise UserError(f"unknown attributes {unknown}; known: {', '.join(attributes)}")
+        reward_fn = counterfactual_reward_fn(
+            reward.score, [attributes[a] for a in names], args.counterfactual_weight
+        )
+    trainer = PPOTrainer(model, tokenizer, reward_fn, config)
     history = trainer.train(prompts)
     version = save_policy_version(
         trainer,
