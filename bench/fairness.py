@@ -19,18 +19,11 @@ from pathlib import Path
 
 from training.counterfactual import expand, load_attributes, load_templates
 from training.fairness import CounterfactualPenalty, counterfactual_pairs, template_gap
+from training.finegrained import DEFAULT_PATH as DATA
 from training.finegrained import finegrained_split, load_finegrained, preference_pairs
 from training.models import load_tokenizer, resolve_reward_backbone
 from training.registry import Registry
 from training.reward import RewardModel, RewardTrainingConfig, train_reward
-
-DATA = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "data"
-    / "finegrainedrlhf"
-    / "qa_feedback_dev.json"
-)
 
 
 def main() -> None:

@@ -23,21 +23,13 @@ import argparse
 import json
 import platform
 import time
-from pathlib import Path
 
 import torch
 
+from training.finegrained import DEFAULT_PATH as DATA
 from training.generation import generate_completions, render_prompt
 from training.models import load_causal_lm, resolve_policy
 from training.settings import Settings
-
-DATA = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "data"
-    / "finegrainedrlhf"
-    / "qa_feedback_dev.json"
-)
 
 
 def load_prompts(n: int) -> list[str]:

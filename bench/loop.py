@@ -30,16 +30,9 @@ from label_studio_sdk import LabelStudio
 
 import label_configs
 from ml_backend.studio import LABEL_STUDIO_VERSION, LabelStudioServer, free_port
+from training.finegrained import DEFAULT_PATH as DATA
 from training.finegrained import load_finegrained, to_label_studio_tasks
 from training.settings import Settings
-
-DATA = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "data"
-    / "finegrainedrlhf"
-    / "qa_feedback_dev.json"
-)
 
 
 def wait(check, timeout: float, every: float = 0.1):

@@ -23,13 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DATA = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "data"
-    / "finegrainedrlhf"
-    / "qa_feedback_dev.json"
-)
+from training.finegrained import DEFAULT_PATH as DATA
 
 
 def cpu_seconds() -> float:

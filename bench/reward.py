@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from training.finegrained import DEFAULT_PATH as DATA
 from training.finegrained import finegrained_split, load_finegrained, preference_pairs
 from training.models import load_sequence_classifier, resolve_reward_backbone
 from training.registry import Registry
@@ -29,14 +30,6 @@ from training.reward import (
     longer_answer_accuracy,
     pairwise_accuracy,
     train_reward,
-)
-
-DATA = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "data"
-    / "finegrainedrlhf"
-    / "qa_feedback_dev.json"
 )
 
 

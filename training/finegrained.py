@@ -18,6 +18,14 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+# Where the data set lives in a checkout: ../shared beside the project (it is never copied in).
+DEFAULT_PATH = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "data"
+    / "finegrainedrlhf"
+    / "qa_feedback_dev.json"
+)
 PAIRS = list(combinations(range(4), 2))  # the order of the six `preference` judgments
 ANSWERS = [f"prediction {i}" for i in range(1, 5)]
 

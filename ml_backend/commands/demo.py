@@ -195,15 +195,6 @@ class _env:
                 os.environ[key] = value
 
 
-FINEGRAINED = (
-    Path(__file__).resolve().parents[3]
-    / "shared"
-    / "data"
-    / "finegrainedrlhf"
-    / "qa_feedback_dev.json"
-)
-
-
 def simulate(
     ls, project_id: int, backend_url: str, rounds: int, per_round: int, registry_dir: Path
 ) -> None:
@@ -211,11 +202,11 @@ def simulate(
     import requests
 
     from ml_backend.simulate import SimulatedAnnotator
-    from training.finegrained import load_finegrained, to_label_studio_tasks
+    from training.finegrained import DEFAULT_PATH, load_finegrained, to_label_studio_tasks
     from training.registry import Registry
     from training.reward import RewardModel
 
-    records = load_finegrained(FINEGRAINED) if FINEGRAINED.is_file() else []
+    records = load_finegrained(DEFAULT_PATH) if DEFAULT_PATH.is_file() else []
     annotator = SimulatedAnnotator(records)
     pool = [{"data": t["data"]} for t in to_label_studio_tasks(records, "pairwise")]
     policy_tasks = [t.data for t in ls.tasks.list(project=project_id)]
