@@ -66,6 +66,14 @@ def test_user_lists_are_validated(tmp_path):
     path.write_text(json.dumps({"pets": {"groups": ["cat", "dog"], "terms": [["cat"]]}}))
     with pytest.raises(ValueError, match="needs 2 terms"):
         load_attributes(path)
+    path.write_text(json.dumps({"pets": {"groups": ["cat", "dog"]}}))
+    with pytest.raises(ValueError, match="'terms'"):
+        load_attributes(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_attributes(path)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_templates(tmp_path / "missing.json")
 
 
 def test_gap_report_names_the_worst_pair():

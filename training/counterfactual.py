@@ -55,11 +55,16 @@ class CounterfactualGroup:
 
 
 def load_attributes(path: str | Path | None = None) -> dict[str, Attribute]:
-    raw = json.loads(_read(path, "counterfactual_attributes.json"))
+    raw = _read(path, "counterfactual_attributes.json")
     attributes = {}
     for name, spec in raw.items():
         if name.startswith("_"):
             continue
+        if not isinstance(spec, dict) or not {"groups", "terms"} <= spec.keys():
+            raise ValueError(
+                f"attribute {name!r} in {path}: give an object with 'groups' (list of group names) "
+                "and 'terms' (rows with one term per group), as in the bundled counterfactual_attributes.json"
+            )
         groups = tuple(spec["groups"])
         rows = tuple(tuple(row) for row in spec["terms"])
         bad = [row for row in rows if len(row) != len(groups)]
@@ -72,7 +77,7 @@ def load_attributes(path: str | Path | None = None) -> dict[str, Attribute]:
 
 
 def load_templates(path: str | Path | None = None) -> dict[str, list[str]]:
-    raw = json.loads(_read(path, "counterfactual_templates.json"))
+    raw = _read(path, "counterfactual_templates.json")
     return {k: list(v) for k, v in raw.items() if not k.startswith("_")}
 
 
@@ -113,7 +118,24 @@ def _same_case(model: str, word: str) -> str:
     return word
 
 
-def _read(path: str | Path | None, default: str) -> str:
-    if path is not None:
-        return Path(path).read_text(encoding="utf-8")
-    return (resources.files("training") / "data" / default).read_text(encoding="utf-8")
+def _read(path: str | Path | None, default: str) -> dict:
+    """The JSON object in the user's file (or the bundled one), or a ValueError saying what to fix."""
+    if path is None:
+        return json.loads(
+            (resources.files("training") / "data" / default).read_text(encoding="utf-8")
+        )
+    if not Path(path).is_file():
+        raise ValueError(
+            f"{path} does not exist: give a JSON file in the format of the bundled {default}"
+        )
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}); fix it or start from the bundled {default}"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"{path} must hold a JSON object keyed by attribute name, like the bundled {default}"
+        )
+    return raw

@@ -50,8 +50,11 @@ def run(args: argparse.Namespace) -> int:
     from training.reward import RewardModel
 
     settings = Settings.from_env()
-    attributes = load_attributes(args.attributes_file)
-    templates = load_templates(args.templates_file)
+    try:
+        attributes = load_attributes(args.attributes_file)
+        templates = load_templates(args.templates_file)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     names = [a.strip() for a in args.attributes.split(",") if a.strip()]
     unknown = [n for n in names if n not in attributes or n not in templates]
     if unknown:
