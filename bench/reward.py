@@ -47,6 +47,12 @@ def main() -> None:
         default=0,
         help="held-out evaluation every N steps (0: only at the end)",
     )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=14.0,
+        help="stop training after this many minutes (the model is still evaluated)",
+    )
     args = parser.parse_args()
 
     train_records, test_records = finegrained_split(load_finegrained(DATA))
@@ -62,6 +68,7 @@ def main() -> None:
         max_length=args.max_length,
         logging_steps=10,
         eval_steps=args.eval_steps,
+        max_minutes=args.max_minutes,
     )
     with tempfile.TemporaryDirectory() as home:
         started = time.perf_counter()
@@ -84,7 +91,7 @@ def main() -> None:
     print(f"{'untrained backbone':<28}{untrained:>18.3f}")
     print(f"{'trained reward model':<28}{m['accuracy_after']:>18.3f}")
     print(
-        f"training: {m['steps']} steps, {m['seconds']:.0f} s ({m['pairs_per_second']:.1f} pairs/s); "
+        f"training: {m['steps']} steps (budget {args.max_minutes:g} min), {m['seconds']:.0f} s ({m['pairs_per_second']:.1f} pairs/s); "
         f"wall time with evaluation {wall:.0f} s; peak memory {peak_gb:.2f} GB"
     )
 

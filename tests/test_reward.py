@@ -169,3 +169,21 @@ def test_no_pairs_is_a_clear_error(tmp_path, tiny_reward_backbone_dir):
     empty = Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
     with pytest.raises(ValueError, match="no preference pairs"):
         train_reward(empty, empty, Registry(tmp_path), str(tiny_reward_backbone_dir))
+
+
+def test_a_time_budget_stops_training_early_but_still_writes_a_version(
+    tmp_path, tiny_reward_backbone_dir
+):
+    # A budget shorter than one step: training stops after the first step, not after 20.
+    config = RewardTrainingConfig(
+        max_steps=20, per_device_train_batch_size=4, max_length=32, max_minutes=1e-6
+    )
+    result = train_reward(
+        synthetic_pairs(80, 0),
+        synthetic_pairs(8, 1),
+        Registry(tmp_path / "registry"),
+        str(tiny_reward_backbone_dir),
+        config,
+    )
+    assert result.metrics["steps"] == 1
+    assert (result.version.path / "metadata.json").is_file()

@@ -166,6 +166,13 @@ class RewardTrainingConfig:
     max_steps: int = field(
         default=-1, metadata={"help": "If > 0, train exactly this many steps (overrides epochs)."}
     )
+    max_minutes: float = field(
+        default=0.0,
+        metadata={
+            "help": "Stop training after this many minutes of steps (0 = no limit); the "
+            "version is still evaluated and written, with the steps it got."
+        },
+    )
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Pairs per step."})
     max_length: int = field(
         default=384,
@@ -244,6 +251,21 @@ class PairwiseRewardTrainer(RewardTrainer):
             loss, outputs = out
             return loss + extra, outputs
         return out + extra
+
+
+class _TimeBudget(TrainerCallback):
+    """Stops training once the budget is spent, so a bounded run still yields a version."""
+
+    def __init__(self, minutes: float) -> None:
+        self.seconds = minutes * 60
+        self.started = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() - self.started >= self.seconds:
+            control.should_training_stop = True
 
 
 class _Progress(TrainerCallback):
@@ -350,6 +372,8 @@ def train_reward(
         trainer.extra_loss = extra_loss
         if progress:
             trainer.add_callback(_Progress(progress))
+        if config.max_minutes > 0:
+            trainer.add_callback(_TimeBudget(config.max_minutes))
         started = time.perf_counter()
         output = trainer.train()
         seconds = time.perf_counter() - started
