@@ -198,5 +198,6 @@ def test_train_ppo_command_against_a_reward_version(
         registry.current("policy").name == "v1"
         and registry.get("policy", "v2").metadata["parent"] == "v1"
     )
-    assert cli([*args, "--counterfactual-weight", "1", "--no-promote"]) == 0  # fairness penalty in the reward
+    # the fairness penalty wrapped around the reward
+    assert cli([*args, "--counterfactual-weight", "1", "--no-promote"]) == 0
     assert cli(["train", "ppo", "--updates", "1"]) == 2  # no prompts: a clear error
