@@ -38,9 +38,19 @@ def main() -> None:
     parser.add_argument("--backbone", default="default")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="questions per step, each with all its judged pairs",
+    )
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--with-passages", action="store_true", help="prompt = question + passages")
+    parser.add_argument(
+        "--validation",
+        action="store_true",
+        help="train on questions 1-320 and evaluate on 321-400 (for choosing epochs and rates)",
+    )
     parser.add_argument(
         "--eval-steps",
         type=int,
@@ -56,6 +66,8 @@ def main() -> None:
     args = parser.parse_args()
 
     train_records, test_records = finegrained_split(load_finegrained(DATA))
+    if args.validation:  # choose settings without touching the 100 held-out questions
+        train_records, test_records = finegrained_split(train_records, 320)
     train = preference_pairs(train_records, with_passages=args.with_passages)
     test = preference_pairs(test_records, with_passages=args.with_passages)
     backbone = resolve_reward_backbone(args.backbone)
@@ -80,7 +92,8 @@ def main() -> None:
         f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     )
     print(
-        f"data: {len(train)} training pairs (400 questions), {len(test)} held-out pairs (100 questions)"
+        f"data: {len(train)} training pairs ({len(train_records)} questions), {len(test)} "
+        f"{'validation' if args.validation else 'held-out'} pairs ({len(test_records)} questions)"
     )
     print(
         f"config: epochs {args.epochs}, lr {args.lr}, batch {args.batch_size}, max_length {args.max_length}, "

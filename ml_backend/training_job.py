@@ -60,7 +60,8 @@ def run_training(
     if settings.reward_max_steps > 0:
         train_config.max_steps = settings.reward_max_steps
     if warm:
-        steps_per_epoch = math.ceil(len(split["train"]) / train_config.per_device_train_batch_size)
+        prompts = len(set(split["train"]["prompt"]))  # a step takes whole prompt groups
+        steps_per_epoch = math.ceil(prompts / train_config.per_device_train_batch_size)
         train_config.max_steps = min(steps_per_epoch, LOOP_MAX_STEPS)
         train_config.eval_steps = 0  # judged once at the end, against the served version
     progress(0.1, "training the reward model")

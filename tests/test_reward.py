@@ -187,3 +187,41 @@ def test_a_time_budget_stops_training_early_but_still_writes_a_version(
     )
     assert result.metrics["steps"] == 1
     assert (result.version.path / "metadata.json").is_file()
+
+
+def test_prompt_groups_score_each_answer_once_and_keep_every_pair(tiny_reward_backbone_dir):
+    """A ranking of 3 answers (3 pairs) plus one pair with a margin: 2 groups, 5 sequences
+    instead of 8, and the grouped loss equals the Bradley-Terry loss computed pair by pair."""
+    from training.reward import collate_groups, tokenize_groups
+
+    pairs = Dataset.from_dict(
+        {
+            "prompt": ["rank these", "rank these", "rank these", "other"],
+            "chosen": ["best", "best", "middle", "yes"],
+            "rejected": ["middle", "worst", "worst", "no"],
+            "margin": [0.0, 0.0, 0.0, 1.5],
+        }
+    )
+    model = RewardModel.load(tiny_reward_backbone_dir, max_length=32)
+    groups = tokenize_groups(pairs, model.tokenizer, 32, use_margin=True)
+    assert len(groups) == 2 and [len(ids) for ids in groups["ids"]] == [3, 2]
+    batch = collate_groups(model.tokenizer.pad_token_id)(list(groups))
+    assert batch["input_ids"].shape[0] == 5
+    assert batch["chosen_index"].tolist() == [0, 0, 1, 3]
+    assert batch["rejected_index"].tolist() == [1, 2, 2, 4]
+
+    model.model.eval()
+    with torch.no_grad():
+        rewards = model.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits.squeeze(-1)
+    grouped = -torch.nn.functional.logsigmoid(
+        rewards[batch["chosen_index"]] - rewards[batch["rejected_index"]] - batch["margin"]
+    ).mean()
+    one_by_one = []
+    for prompt, chosen, rejected, margin in zip(*pairs[:].values(), strict=True):
+        r_chosen, r_rejected = model.score([prompt, prompt], [chosen, rejected])
+        one_by_one.append(
+            -torch.nn.functional.logsigmoid(torch.tensor(r_chosen - r_rejected - margin))
+        )
+    assert float(grouped) == pytest.approx(float(torch.stack(one_by_one).mean()), abs=1e-5)

@@ -22,7 +22,7 @@ def machine_args(output_dir: Path) -> dict[str, Any]:
         "output_dir": str(output_dir),
         "use_cpu": not gpu,
         "bf16": gpu and torch.cuda.is_bf16_supported(),
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,  # transformers 5 name of gradient checkpointing
         "save_strategy": "no",
         "report_to": [],
         "logging_steps": 5,

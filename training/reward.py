@@ -13,9 +13,14 @@ training and scoring, so a model is always scored the way it was trained:
   that alone is too long is cut, from the right;
 * decoders with a chat template: the user/assistant dialogue, cut from the left.
 
-Pre-tokenized ids go to TRL (`chosen_ids`/`rejected_ids`): its text path appends an eos
-token that encoders such as MiniLM do not have, and it drops over-long pairs instead of
-truncating them.
+Training is grouped by prompt (InstructGPT section 3.5): a step takes a few prompts, runs
+the model ONCE over each distinct answer of each prompt, and puts every judged pair of those
+answers into the loss. A ranking of K answers yields K(K-1)/2 pairs from K forward passes
+instead of K(K-1), so an epoch over real rankings (K = 4) costs 2-3x less, and the pairs of
+one prompt, which share their answers, do not each count as an independent example.
+
+The ids are pre-tokenized for TRL: its text path appends an eos token that encoders such as
+MiniLM do not have, and it drops over-long pairs instead of truncating them.
 """
 
 from __future__ import annotations
@@ -173,7 +178,12 @@ class RewardTrainingConfig:
             "version is still evaluated and written, with the steps it got."
         },
     )
-    per_device_train_batch_size: int = field(default=16, metadata={"help": "Pairs per step."})
+    per_device_train_batch_size: int = field(
+        default=8,
+        metadata={
+            "help": "Prompts per step; each prompt brings all its answers and all its judged pairs."
+        },
+    )
     max_length: int = field(
         default=384,
         metadata={"help": "Tokens per (prompt, answer); longer prompts are cut from the left."},
@@ -229,28 +239,116 @@ class RewardTrainingResult:
     metrics: dict[str, Any]
 
 
-class PairwiseRewardTrainer(RewardTrainer):
-    """TRL's RewardTrainer, plus an optional extra loss term.
+GROUP_COLUMNS = ["ids", "chosen_index", "rejected_index", "margin"]
 
-    `extra_loss(model) -> scalar tensor` is added to every training step's loss; the
-    fairness penalty (training/fairness.py) uses it to push the scores of counterfactual
-    variants of the same text together.
+
+def tokenize_groups(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, use_margin: bool
+) -> Dataset:
+    """prompt/chosen/rejected(/margin) rows -> one row per prompt: the token ids of each
+    distinct answer (`ids`) and the judged pairs as indices into them."""
+    groups: dict[str, dict[str, Any]] = {}
+    margins = dataset["margin"] if use_margin and "margin" in dataset.column_names else None
+    for row, (prompt, chosen, rejected) in enumerate(
+        zip(dataset["prompt"], dataset["chosen"], dataset["rejected"], strict=True)
+    ):
+        group = groups.setdefault(
+            prompt, {"answers": {}, "chosen": [], "rejected": [], "margin": []}
+        )
+        for answer, column in ((chosen, "chosen"), (rejected, "rejected")):
+            group[column].append(group["answers"].setdefault(answer, len(group["answers"])))
+        group["margin"].append(float(margins[row] or 0.0) if margins else 0.0)
+    return Dataset.from_dict(
+        {
+            "ids": [
+                [format_reward_input(tokenizer, prompt, a, max_length) for a in g["answers"]]
+                for prompt, g in groups.items()
+            ],
+            "chosen_index": [g["chosen"] for g in groups.values()],
+            "rejected_index": [g["rejected"] for g in groups.values()],
+            "margin": [g["margin"] for g in groups.values()],
+        }
+    )
+
+
+def collate_groups(pad_token_id: int) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+    """Batches of prompt groups: all their answers padded into one tensor, pair indices
+    shifted to rows of that tensor."""
+
+    def collate(groups: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        sequences, chosen, rejected, margin = [], [], [], []
+        for group in groups:
+            offset = len(sequences)
+            sequences += group["ids"]
+            chosen += [offset + i for i in group["chosen_index"]]
+            rejected += [offset + i for i in group["rejected_index"]]
+            margin += group["margin"]
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, ids in enumerate(sequences):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "chosen_index": torch.tensor(chosen),
+            "rejected_index": torch.tensor(rejected),
+            "margin": torch.tensor(margin, dtype=torch.float),
+        }
+
+    return collate
+
+
+class PairwiseRewardTrainer(RewardTrainer):
+    """TRL's RewardTrainer on prompt groups (see `tokenize_groups`), plus an optional extra
+    loss term.
+
+    The loss is TRL's: -log sigmoid(r_chosen - r_rejected - margin) averaged over the pairs,
+    plus `center_rewards_coefficient` x the mean squared reward. `extra_loss(model) -> scalar
+    tensor` is added to every training step's loss; the fairness penalty
+    (training/fairness.py) uses it to push the scores of counterfactual variants of the same
+    text together.
     """
 
     extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None
 
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset  # tokenize_groups did the work
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = GROUP_COLUMNS
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        mode = "train" if model.training else "eval"
+        outputs = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
         )
-        if self.extra_loss is None or not model.training:
-            return out
-        extra = self.extra_loss(model)
-        self._metrics["train"]["extra_loss"].append(float(extra.detach()))
-        if return_outputs:
-            loss, outputs = out
-            return loss + extra, outputs
-        return out + extra
+        rewards = outputs.logits.squeeze(-1)
+        chosen = rewards[inputs["chosen_index"]]
+        rejected = rewards[inputs["rejected_index"]]
+        difference = chosen - rejected
+        loss = -torch.nn.functional.logsigmoid(difference - inputs["margin"]).mean()
+        if self.args.center_rewards_coefficient is not None:
+            loss = loss + self.args.center_rewards_coefficient * torch.mean(rewards**2)
+        if mode == "train" and self.extra_loss is not None:
+            extra = self.extra_loss(model)
+            self._metrics["train"]["extra_loss"].append(float(extra.detach()))
+            loss = loss + extra
+        if mode == "train":
+            self._total_train_tokens += int(inputs["attention_mask"].sum())
+        metrics = self._metrics[mode]
+        metrics["num_tokens"] = [self._total_train_tokens]
+        with torch.no_grad():
+            metrics["min_reward"].append(rewards.min().item())
+            metrics["mean_reward"].append(rewards.mean().item())
+            metrics["max_reward"].append(rewards.max().item())
+            # Per pair, not per batch: the logged mean then weighs every pair alike even when
+            # the last evaluation batch holds only a few prompts.
+            metrics["accuracy"].extend((difference > 0).float().tolist())
+            metrics["margin"].extend(difference.tolist())
+        return (loss, outputs) if return_outputs else loss
 
 
 class _TimeBudget(TrainerCallback):
@@ -275,26 +373,6 @@ class _Progress(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.max_steps:
             self.report(state.global_step / state.max_steps)
-
-
-def tokenize_pairs(
-    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, use_margin: bool
-) -> Dataset:
-    """prompt/chosen/rejected(/margin) -> chosen_ids/rejected_ids(/margin) for TRL."""
-
-    def encode(row: dict[str, Any]) -> dict[str, Any]:
-        out = {
-            "chosen_ids": format_reward_input(tokenizer, row["prompt"], row["chosen"], max_length),
-            "rejected_ids": format_reward_input(
-                tokenizer, row["prompt"], row["rejected"], max_length
-            ),
-        }
-        if use_margin:
-            out["margin"] = float(row.get("margin") or 0.0)
-        return out
-
-    keep = {"chosen_ids", "rejected_ids"} | ({"margin"} if use_margin else set())
-    return dataset.map(encode, remove_columns=[c for c in dataset.column_names if c not in keep])
 
 
 def fingerprint(dataset: Dataset) -> str:
@@ -354,19 +432,22 @@ def train_reward(
             use_cpu=not torch.cuda.is_available(),
             # TRL's defaults (bf16 autocast, gradient checkpointing) make a CPU step >10x slower.
             bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-            gradient_checkpointing=config.gradient_checkpointing,
+            activation_checkpointing=config.gradient_checkpointing,
         )
-        train_ids = tokenize_pairs(train, tokenizer, config.max_length, config.use_margin)
-        eval_ids = (
-            tokenize_pairs(eval, tokenizer, config.max_length, config.use_margin)
+        train_groups = tokenize_groups(train, tokenizer, config.max_length, config.use_margin)
+        eval_groups = (
+            tokenize_groups(eval, tokenizer, config.max_length, config.use_margin)
             if len(eval)
             else None
         )
+        if tokenizer.pad_token is None:  # decoders such as GPT-2 pad with their eos token
+            tokenizer.pad_token = tokenizer.eos_token
         trainer = PairwiseRewardTrainer(
             model=model,
             args=args,
-            train_dataset=train_ids,
-            eval_dataset=eval_ids,
+            data_collator=collate_groups(tokenizer.pad_token_id),
+            train_dataset=train_groups,
+            eval_dataset=eval_groups,
             processing_class=tokenizer,
         )
         trainer.extra_loss = extra_loss
@@ -394,9 +475,7 @@ def train_reward(
             "eval_pairs": len(eval),
             "steps": trainer.state.global_step,
             "seconds": round(seconds, 2),
-            "pairs_per_second": round(
-                trainer.state.global_step * config.per_device_train_batch_size / seconds, 2
-            ),
+            "pairs_per_second": round(len(train) * (trainer.state.epoch or 0) / seconds, 2),
         }
         promoted = _should_promote(config.promote, accuracy_after, current_accuracy)
         import shutil

@@ -39,7 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--epochs", type=float, help="passes over the pairs")
     parser.add_argument("--max-steps", type=int, help="exact number of steps (overrides --epochs)")
-    parser.add_argument("--batch-size", type=int, help="pairs per step")
+    parser.add_argument(
+        "--batch-size", type=int, help="prompts per step (each with all its judged pairs)"
+    )
     parser.add_argument("--max-length", type=int, help="tokens per (prompt, answer)")
     parser.add_argument(
         "--counterfactual-weight",
