@@ -1,7 +1,7 @@
 """Benchmark: PPO (training/ppo.py) against TRL's GRPOTrainer, same policy, reward and budget.
 
 Default policy (SmolLM2-135M-Instruct) and a MiniLM reward model trained here on
-FineGrainedRLHF pairs (first 400 questions; --reward-steps). Each trainer runs in its own
+FineGrainedRLHF rankings (first 400 questions; --reward-epochs at --reward-lr). Each trainer runs in its own
 process (so peak memory is its own) for the same budget: --updates optimizer rounds of
 --batch prompts x --generations samples each, --new-tokens tokens per answer. Reported:
 seconds and peak memory per update, mean reward on --eval-prompts held-out questions
@@ -31,7 +31,7 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def prepare_reward(folder: Path, steps: int) -> None:
+def prepare_reward(folder: Path, epochs: float, lr: float) -> None:
     from training.datasets import split_by_prompt
     from training.finegrained import finegrained_split, load_finegrained, preference_pairs
     from training.models import resolve_reward_backbone
@@ -40,7 +40,9 @@ def prepare_reward(folder: Path, steps: int) -> None:
 
     train_records, _ = finegrained_split(load_finegrained(DATA))
     split = split_by_prompt(preference_pairs(train_records, "ranking"), 0.1)
-    config = RewardTrainingConfig(max_steps=steps, max_length=256, eval_steps=0, promote="always")
+    config = RewardTrainingConfig(
+        num_train_epochs=epochs, learning_rate=lr, max_length=256, eval_steps=0, promote="always"
+    )
     result = train_reward(
         split["train"], split["test"], Registry(folder), resolve_reward_backbone("default"), config
     )
@@ -163,7 +165,8 @@ def main() -> None:
         "--kl", type=float, default=0.05, help="KL coefficient (PPO init_kl_coef, GRPO beta)"
     )
     parser.add_argument("--eval-prompts", type=int, default=16)
-    parser.add_argument("--reward-steps", type=int, default=40)
+    parser.add_argument("--reward-epochs", type=float, default=1.0)
+    parser.add_argument("--reward-lr", type=float, default=1e-4)
     parser.add_argument("--only", choices=["ppo", "grpo"], help=argparse.SUPPRESS)
     parser.add_argument("--reward-registry", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -171,7 +174,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(args.only, args)), flush=True)
         return
     with tempfile.TemporaryDirectory() as registry:
-        prepare_reward(Path(registry), args.reward_steps)
+        prepare_reward(Path(registry), args.reward_epochs, args.reward_lr)
         rows = []
         for kind in ("ppo", "grpo"):
             command = [sys.executable, __file__, "--only", kind, "--reward-registry", registry] + [

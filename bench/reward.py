@@ -6,7 +6,7 @@ Label Studio tasks -> export JSON -> feedback records -> preference pairs. Repor
 held-out pairwise accuracy, wall time, pairs/s and peak memory for the trained model,
 beside two baselines in the same run: the untrained backbone and "the longer answer wins".
 
-    .venv/bin/python bench/reward.py [--epochs 1] [--lr 5e-5] [--with-passages]
+    .venv/bin/python bench/reward.py [--epochs 1] [--lr 5e-5] [--passage-chars 1000]
 """
 
 from __future__ import annotations
@@ -45,7 +45,12 @@ def main() -> None:
         help="questions per step, each with all its judged pairs",
     )
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--with-passages", action="store_true", help="prompt = question + passages")
+    parser.add_argument(
+        "--passage-chars",
+        type=int,
+        default=0,
+        help="prompt = the retrieved passages cut to this many characters, then the question (0: question only)",
+    )
     parser.add_argument(
         "--validation",
         action="store_true",
@@ -68,8 +73,8 @@ def main() -> None:
     train_records, test_records = finegrained_split(load_finegrained(DATA))
     if args.validation:  # choose settings without touching the 100 held-out questions
         train_records, test_records = finegrained_split(train_records, 320)
-    train = preference_pairs(train_records, with_passages=args.with_passages)
-    test = preference_pairs(test_records, with_passages=args.with_passages)
+    train = preference_pairs(train_records, passage_chars=args.passage_chars)
+    test = preference_pairs(test_records, passage_chars=args.passage_chars)
     backbone = resolve_reward_backbone(args.backbone)
     model, tokenizer = load_sequence_classifier(backbone)
     untrained = pairwise_accuracy(RewardModel(model, tokenizer, "untrained", args.max_length), test)
@@ -97,7 +102,7 @@ def main() -> None:
     )
     print(
         f"config: epochs {args.epochs}, lr {args.lr}, batch {args.batch_size}, max_length {args.max_length}, "
-        f"passages {'yes' if args.with_passages else 'no'}"
+        f"passages {f'{args.passage_chars} characters' if args.passage_chars else 'no'}"
     )
     print(f"{'model':<28}{'held-out accuracy':>18}")
     print(f"{'longer answer wins':<28}{longer_answer_accuracy(test):>18.3f}")

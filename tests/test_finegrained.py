@@ -9,6 +9,7 @@ from training.datasets import critique_dataset, preference_dataset, sft_dataset
 from training.feedback import parse_export
 from training.finegrained import (
     finegrained_split,
+    format_prompt,
     load_finegrained,
     ranking_order,
     to_export,
@@ -78,3 +79,16 @@ def test_fixed_split_is_first_400_then_100(finegrained_path):
         and len(test) == 100
         and not {r["question"] for r in train} & {r["question"] for r in test}
     )
+
+
+def test_prompt_with_passages_puts_every_sentence_first_and_the_question_last(finegrained_path):
+    record = load_finegrained(finegrained_path)[0]
+    assert format_prompt(record) == record["question"]
+    full = format_prompt(record, passage_chars=100_000)
+    assert full.startswith("Passages:\n") and full.endswith(f"Question: {record['question']}")
+    last_sentence = " ".join(record["passages"][-1][-1].split())
+    assert last_sentence in full  # every sentence of every passage, not only the first
+    cut = format_prompt(record, passage_chars=300)
+    passages = cut.split("\n\nQuestion:")[0].removeprefix("Passages:\n")
+    assert len(passages) <= 300 + len(" ...") and passages.endswith(" ...")
+    assert cut.endswith(f"Question: {record['question']}")

@@ -12,6 +12,7 @@ from training.ppo import (
     AdaptiveKLController,
     PPOConfig,
     PPOTrainer,
+    RunningMoments,
     clipped_policy_loss,
     clipped_value_loss,
     gae,
@@ -72,6 +73,16 @@ def test_adaptive_kl_controller_by_hand():
     assert controller.value == pytest.approx(0.1 * 1.02)
     controller.update(current_kl=5.7, n_steps=1000)  # error -0.05
     assert controller.value == pytest.approx(0.1 * 1.02 * 0.95)
+
+
+def test_running_moments_by_hand():
+    moments = RunningMoments()
+    moments.update(torch.tensor([1.0, 2.0, 3.0]))
+    moments.update(torch.tensor([10.0]))
+    # all four values: mean 4, sample variance ((9 + 4 + 1 + 36) / 3) = 50 / 3
+    assert moments.mean == pytest.approx(4.0)
+    assert moments.std == pytest.approx(math.sqrt(50 / 3))
+    assert moments.normalize(torch.tensor([4.0])).item() == pytest.approx(0.0)
 
 
 def letter_e(prompts, texts):

@@ -43,19 +43,26 @@ def finegrained_split(records: list[dict], n_train: int = 400) -> tuple[list[dic
     return records[:n_train], records[n_train:]
 
 
-def format_prompt(record: dict, with_passages: bool = False, max_passage_chars: int = 2000) -> str:
-    """The question, optionally followed by its passages (cut to `max_passage_chars`)."""
-    if not with_passages:
+def format_prompt(record: dict, passage_chars: int = 0) -> str:
+    """The question, after its retrieved passages cut to `passage_chars` (0: no passages).
+
+    Passages come first and the question last ("context, then question", as the answers
+    were generated): a reward model that cuts an over-long prompt from the left then loses
+    the tail of the passage text, never the question.
+    """
+    if passage_chars <= 0:
         return record["question"]
     passages = (
         ast.literal_eval(record["passages"])
         if isinstance(record["passages"], str)
         else record["passages"]
     )
-    text = "\n\n".join(
-        f"{title}: {' '.join(body.split())}" for title, *rest in passages for body in rest[:1]
+    text = "\n".join(
+        f"{title}: {' '.join(' '.join(sentences).split())}" for title, *sentences in passages
     )
-    return f"{record['question']}\n\nPassages:\n{text[:max_passage_chars]}"
+    if len(text) > passage_chars:
+        text = text[:passage_chars].rsplit(" ", 1)[0] + " ..."
+    return f"Passages:\n{text}\n\nQuestion: {record['question']}"
 
 
 def ranking_order(preference: list[int]) -> list[int] | None:
@@ -86,13 +93,11 @@ def critique_text(record: dict) -> str:
     return "\n".join(lines)
 
 
-def to_label_studio_tasks(
-    records: list[dict], kind: str, with_passages: bool = False
-) -> list[dict]:
+def to_label_studio_tasks(records: list[dict], kind: str, passage_chars: int = 0) -> list[dict]:
     """Import-ready tasks with the human annotation, for label_configs/<kind>.xml."""
     tasks = []
     for index, record in enumerate(records):
-        prompt = format_prompt(record, with_passages)
+        prompt = format_prompt(record, passage_chars)
         meta = {"source": "finegrainedrlhf", "record": index}
         if kind == "pairwise":
             for (i, j), p in zip(PAIRS, record["preference"], strict=True):
@@ -178,14 +183,14 @@ def to_export(tasks: list[dict], first_task_id: int = 1) -> list[dict]:
     return exported
 
 
-def preference_pairs(records: list[dict], kind: str = "pairwise", with_passages: bool = False):
+def preference_pairs(records: list[dict], kind: str = "pairwise", passage_chars: int = 0):
     """The records' human judgments as preference pairs, through the real path:
     Label Studio tasks -> export JSON -> feedback records -> `preference_dataset`."""
     import label_configs
     from training.datasets import preference_dataset
     from training.feedback import parse_export
 
-    tasks = to_label_studio_tasks(records, kind, with_passages=with_passages)
+    tasks = to_label_studio_tasks(records, kind, passage_chars=passage_chars)
     return preference_dataset(parse_export(to_export(tasks), label_configs.load(kind)).records)
 
 

@@ -4,8 +4,10 @@ Follows InstructGPT (Ouyang et al., 2022) and "The N Implementation Details of R
 PPO" (Huang et al., 2023). One update is:
 
 1. rollout: sample a response for each prompt from the policy; score the decoded text
-   with `reward_fn` (so the reward model may use any tokenizer); a response that never
-   ends (no eos) gets `missing_eos_penalty` subtracted;
+   with `reward_fn` (so the reward model may use any tokenizer); scores are normalized by
+   the running mean and standard deviation of all scores so far, so the KL coefficient
+   means the same for any reward model's scale (Huang et al., "reward normalization");
+   a response that never ends (no eos) gets `missing_eos_penalty` subtracted;
 2. per-token rewards: -kl_coef * (log pi(a|s) - log pi_ref(a|s)) at every token (the KL
    penalty to the frozen reference), plus the score at the last token;
 3. bootstrap values / GAE: advantages with gamma and lambda over the response tokens,
@@ -75,6 +77,13 @@ class PPOConfig:
     )
     kl_horizon: int = field(
         default=10000, metadata={"help": "Horizon (in samples) of the adaptive controller."}
+    )
+    normalize_scores: bool = field(
+        default=True,
+        metadata={
+            "help": "Divide scores by their running standard deviation (after removing the "
+            "running mean), so init_kl_coef is in units of the reward's spread."
+        },
     )
     missing_eos_penalty: float = field(
         default=1.0, metadata={"help": "Subtracted from the score of a response without eos."}
@@ -167,6 +176,33 @@ class AdaptiveKLController:
 # -- the trainer ------------------------------------------------------------------------------
 
 
+class RunningMoments:
+    """Mean and standard deviation of every value seen so far (Chan et al.'s parallel
+    update), for normalizing reward-model scores whose scale is arbitrary."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, values: torch.Tensor) -> None:
+        n = values.numel()
+        if n == 0:
+            return
+        batch_mean = values.mean().item()
+        batch_m2 = ((values - batch_mean) ** 2).sum().item()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / (self.count - 1)) ** 0.5 if self.count > 1 else 1.0
+
+    def normalize(self, values: torch.Tensor) -> torch.Tensor:
+        return (values - self.mean) / max(self.std, 1e-8)
+
+
 class PolicyWithValueHead(nn.Module):
     def __init__(self, policy: nn.Module) -> None:
         super().__init__()
@@ -198,7 +234,8 @@ class Rollout:
     ref_logprobs: torch.Tensor
     values: torch.Tensor
     rewards: torch.Tensor  # per token, KL penalty + score at the end
-    scores: torch.Tensor
+    scores: torch.Tensor  # the reward model's, as it gave them
+    final_scores: torch.Tensor  # normalized, minus the missing-eos penalty: what was optimized
     texts: list[str]
 
 
@@ -233,6 +270,7 @@ class PPOTrainer:
         if self.reference is not None:
             self.reference = self.reference.to(self.accelerator.device)
         self.kl = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
+        self.score_moments = RunningMoments()
         self.history: list[dict[str, float]] = []
 
     @property
@@ -309,10 +347,14 @@ class PPOTrainer:
             dtype=torch.float,
             device=logits.device,
         )
-        scores = scores - c.missing_eos_penalty * (~ended).float()
+        final = scores
+        if c.normalize_scores:
+            self.score_moments.update(scores)
+            final = self.score_moments.normalize(scores)
+        final = final - c.missing_eos_penalty * (~ended).float()
         mask = response_mask.float()
         rewards = -self.kl.value * kl_estimates(logprobs, ref_logprobs)["k1"] * mask
-        rewards[torch.arange(len(prompts)), first_eos] += scores
+        rewards[torch.arange(len(prompts)), first_eos] += final
         return Rollout(
             input_ids,
             attention_mask,
@@ -322,6 +364,7 @@ class PPOTrainer:
             values * mask,
             rewards,
             scores,
+            final,
             texts,
         )
 
@@ -378,7 +421,7 @@ class PPOTrainer:
             "objective/score": r.scores.mean().item(),
             "objective/kl": kl,
             "objective/kl_coef": self.kl.value,
-            "objective/non_score_reward": (r.rewards.sum(1) - r.scores).mean().item(),
+            "objective/non_score_reward": (r.rewards.sum(1) - r.final_scores).mean().item(),
             "policy/entropy": sum(stats["entropy"]) / len(stats["entropy"]),
             "policy/approx_kl": sum(stats["approx_kl"]) / len(stats["approx_kl"]),
             "policy/clipfrac": sum(stats["clipfrac"]) / len(stats["clipfrac"]),
