@@ -8,7 +8,7 @@ seconds and peak memory per update, mean reward on --eval-prompts held-out quest
 before and after, KL to the starting policy on those answers, and reward gain per CPU
 minute (user + system time of the training).
 
-    .venv/bin/python bench/ppo.py [--updates 6] [--batch 4] [--generations 2]
+    .venv/bin/python bench/ppo.py [--updates 10] [--batch 4] [--generations 2]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from training.finegrained import DEFAULT_PATH as DATA
+from training.registry import Registry
 
 
 def cpu_seconds() -> float:
@@ -35,7 +36,6 @@ def prepare_reward(folder: Path, epochs: float, lr: float) -> None:
     from training.datasets import split_by_prompt
     from training.finegrained import finegrained_split, load_finegrained, preference_pairs
     from training.models import resolve_reward_backbone
-    from training.registry import Registry
     from training.reward import RewardTrainingConfig, train_reward
 
     train_records, _ = finegrained_split(load_finegrained(DATA))
@@ -74,7 +74,6 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
     import torch
 
     from training.models import load_causal_lm, resolve_policy
-    from training.registry import Registry
     from training.reward import RewardModel
     from training.settings import Settings
 
@@ -94,7 +93,7 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
             updates=args.updates,
             batch_size=args.batch * args.generations,
             mini_batch_size=args.batch,
-            ppo_epochs=1,
+            ppo_epochs=args.ppo_epochs,
             learning_rate=args.lr,
             max_new_tokens=args.new_tokens,
             init_kl_coef=args.kl,
@@ -156,31 +155,40 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--updates", type=int, default=6)
+    parser.add_argument("--updates", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4, help="prompts per update")
     parser.add_argument("--generations", type=int, default=2, help="answers per prompt")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument(
+        "--ppo-epochs", type=int, default=1, help="PPO passes over each rollout (GRPO makes one)"
+    )
     parser.add_argument(
         "--kl", type=float, default=0.05, help="KL coefficient (PPO init_kl_coef, GRPO beta)"
     )
-    parser.add_argument("--eval-prompts", type=int, default=16)
+    parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument("--reward-epochs", type=float, default=1.0)
     parser.add_argument("--reward-lr", type=float, default=1e-4)
+    parser.add_argument("--trainers", default="ppo,grpo", help="which to run, comma-separated")
     parser.add_argument("--only", choices=["ppo", "grpo"], help=argparse.SUPPRESS)
-    parser.add_argument("--reward-registry", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--reward-registry",
+        help="registry folder to keep the reward model in: trained there once, reused after",
+    )
     args = parser.parse_args()
     if args.only:
         print("RESULT " + json.dumps(run_one(args.only, args)), flush=True)
         return
-    with tempfile.TemporaryDirectory() as registry:
-        prepare_reward(Path(registry), args.reward_epochs, args.reward_lr)
+    with tempfile.TemporaryDirectory() as scratch:
+        registry = args.reward_registry or scratch
+        if args.reward_registry is None or Registry(registry).current("reward") is None:
+            prepare_reward(Path(registry), args.reward_epochs, args.reward_lr)
         rows = []
-        for kind in ("ppo", "grpo"):
+        for kind in args.trainers.split(","):
             command = [sys.executable, __file__, "--only", kind, "--reward-registry", registry] + [
                 f"--{k.replace('_', '-')}={v}"
                 for k, v in vars(args).items()
-                if k not in ("only", "reward_registry") and v is not None
+                if k not in ("only", "reward_registry", "trainers") and v is not None
             ]
             output = subprocess.run(command, capture_output=True, text=True, check=False)
             line = next((ln for ln in output.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -189,7 +197,8 @@ def main() -> None:
                 raise SystemExit(f"{kind} failed")
             rows.append(json.loads(line[7:]))
     print(
-        f"machine: {platform.machine()}; budget: {args.updates} updates x {args.batch} prompts x {args.generations} answers x {args.new_tokens} tokens"
+        f"machine: {platform.machine()}; budget: {args.updates} updates x {args.batch} prompts x {args.generations} answers x {args.new_tokens} tokens; "
+        f"lr {args.lr}, KL coefficient {args.kl}, PPO epochs {args.ppo_epochs}"
     )
     print(
         f"{'trainer':<8}{'s/update':>10}{'peak GB':>9}{'reward before':>15}{'after':>9}{'KL':>8}{'gain / CPU-min':>16}"
