@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,22 +53,25 @@ def prepare_reward(folder: Path, epochs: float, lr: float) -> None:
     )
 
 
-def held_out_prompts(n: int) -> tuple[list[str], list[str]]:
+def held_out_prompts(n: int, samples: int) -> tuple[list[str], list[str]]:
+    """Training questions, and n held-out ones each repeated `samples` times (one sampled
+    answer per row), since one answer per question leaves the mean within noise."""
     from training.finegrained import finegrained_split, load_finegrained
 
     train, test = finegrained_split(load_finegrained(DATA))
-    return [r["question"] for r in train], [r["question"] for r in test[:n]]
+    return [r["question"] for r in train], [r["question"] for r in test[:n] for _ in range(samples)]
 
 
 def evaluate(
     policy, reference, tokenizer, reward, prompts: list[str], new_tokens: int
-) -> tuple[float, float]:
+) -> tuple[list[float], float]:
+    """The reward of the policy's answer to each prompt, and its KL to the reference."""
     from training.policy_eval import evaluate_policy
 
     evaluation = evaluate_policy(
         policy, reference, tokenizer, reward.score, prompts, max_new_tokens=new_tokens
     )
-    return evaluation.mean_reward, evaluation.kl
+    return evaluation.policy_rewards, evaluation.kl
 
 
 def run_one(kind: str, args: argparse.Namespace) -> dict:
@@ -82,16 +86,17 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
     path = resolve_policy("default", Settings.from_env().models_cache_dir)
     policy, tokenizer = load_causal_lm(path)
     reference, _ = load_causal_lm(path)
-    train_prompts, eval_prompts = held_out_prompts(args.eval_prompts)
+    train_prompts, eval_prompts = held_out_prompts(args.eval_prompts, args.eval_samples)
     before, _ = evaluate(reference, reference, tokenizer, reward, eval_prompts, args.new_tokens)
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     if kind == "ppo":
         from training.ppo import PPOConfig, PPOTrainer
 
-        # One rollout = batch x generations answers, like GRPO's group of samples.
+        # One rollout = batch prompts x generations answers, like GRPO's group of samples.
         config = PPOConfig(
             updates=args.updates,
             batch_size=args.batch * args.generations,
+            samples_per_prompt=args.generations,
             mini_batch_size=args.batch,
             ppo_epochs=args.ppo_epochs,
             learning_rate=args.lr,
@@ -141,15 +146,18 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
     trained.eval()
     after, kl = evaluate(trained, reference, tokenizer, reward, eval_prompts, args.new_tokens)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    # Standard error of the gain, paired by prompt row (same question, same sampling seed).
+    gains = [a - b for a, b in zip(after, before, strict=True)]
     return {
         "trainer": kind,
-        "reward_before": before,
-        "reward_after": after,
+        "reward_before": statistics.fmean(before),
+        "reward_after": statistics.fmean(after),
+        "gain_se": statistics.stdev(gains) / len(gains) ** 0.5,
         "kl": kl,
         "seconds_per_update": wall / args.updates,
         "cpu_minutes": cpu / 60,
         "peak_gb": peak_gb,
-        "gain_per_cpu_minute": (after - before) / (cpu / 60),
+        "gain_per_cpu_minute": statistics.fmean(gains) / (cpu / 60),
     }
 
 
@@ -161,12 +169,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument(
-        "--ppo-epochs", type=int, default=1, help="PPO passes over each rollout (GRPO makes one)"
+        "--ppo-epochs", type=int, default=2, help="PPO passes over each rollout (GRPO makes one)"
     )
     parser.add_argument(
         "--kl", type=float, default=0.05, help="KL coefficient (PPO init_kl_coef, GRPO beta)"
     )
-    parser.add_argument("--eval-prompts", type=int, default=64)
+    parser.add_argument("--eval-prompts", type=int, default=100, help="held-out questions")
+    parser.add_argument("--eval-samples", type=int, default=2, help="answers per held-out question")
     parser.add_argument("--reward-epochs", type=float, default=1.0)
     parser.add_argument("--reward-lr", type=float, default=1e-4)
     parser.add_argument("--trainers", default="ppo,grpo", help="which to run, comma-separated")
@@ -201,11 +210,11 @@ def main() -> None:
         f"lr {args.lr}, KL coefficient {args.kl}, PPO epochs {args.ppo_epochs}"
     )
     print(
-        f"{'trainer':<8}{'s/update':>10}{'peak GB':>9}{'reward before':>15}{'after':>9}{'KL':>8}{'gain / CPU-min':>16}"
+        f"{'trainer':<8}{'s/update':>10}{'peak GB':>9}{'reward before':>15}{'after':>9}{'± s.e.':>8}{'KL':>8}{'gain / CPU-min':>16}"
     )
     for r in rows:
         print(
-            f"{r['trainer']:<8}{r['seconds_per_update']:>10.1f}{r['peak_gb']:>9.2f}{r['reward_before']:>15.4f}{r['reward_after']:>9.4f}{r['kl']:>8.3f}{r['gain_per_cpu_minute']:>16.5f}"
+            f"{r['trainer']:<8}{r['seconds_per_update']:>10.1f}{r['peak_gb']:>9.2f}{r['reward_before']:>15.4f}{r['reward_after']:>9.4f}{r['gain_se']:>8.4f}{r['kl']:>8.3f}{r['gain_per_cpu_minute']:>16.5f}"
         )
 
 

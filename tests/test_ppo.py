@@ -17,6 +17,7 @@ from training.ppo import (
     clipped_value_loss,
     gae,
     kl_estimates,
+    leave_one_out_baseline,
     masked_whiten,
     save_policy_version,
 )
@@ -85,6 +86,18 @@ def test_running_moments_by_hand():
     assert moments.normalize(torch.tensor([4.0])).item() == pytest.approx(0.0)
 
 
+def test_leave_one_out_baseline_by_hand():
+    # two prompts, three samples each: each score minus the mean of its two siblings
+    scores = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+    expected = [1 - 4, 2 - 3.5, 6 - 1.5, 0 - 1.5, 0 - 1.5, 3 - 0]
+    assert leave_one_out_baseline(scores, 3).tolist() == pytest.approx(expected)
+
+
+def test_samples_per_prompt_must_divide_the_batch():
+    with pytest.raises(ValueError, match="multiple of samples_per_prompt"):
+        PPOConfig(batch_size=6, samples_per_prompt=4)
+
+
 def letter_e(prompts, texts):
     """A known, simple reward: the share of 'e' characters in the response (x5)."""
     return [5 * t.count("e") / max(1, len(t)) for t in texts]
@@ -92,15 +105,15 @@ def letter_e(prompts, texts):
 
 def run(policy_dir, **overrides):
     model, tokenizer = load_causal_lm(str(policy_dir))
-    config = PPOConfig(
-        updates=60,
-        batch_size=16,
-        mini_batch_size=8,
-        learning_rate=1e-3,
-        max_new_tokens=12,
-        missing_eos_penalty=0.0,
-        **overrides,
-    )
+    settings = {
+        "updates": 60,
+        "batch_size": 16,
+        "mini_batch_size": 8,
+        "learning_rate": 1e-3,
+        "max_new_tokens": 12,
+        "missing_eos_penalty": 0.0,
+    }
+    config = PPOConfig(**{**settings, **overrides})
     trainer = PPOTrainer(model, tokenizer, letter_e, config)
     history = trainer.train([f"prompt number {i}" for i in range(32)])
     return trainer, history
@@ -143,6 +156,14 @@ def test_ppo_learns_a_known_reward_with_bounded_kl_and_kl_coefficient_matters(
     assert sum(p.numel() for p in reloaded.parameters()) == sum(
         p.numel() for p in trainer.unwrapped.policy.parameters()
     )
+
+
+def test_ppo_with_a_leave_one_out_baseline_learns(tiny_policy_dir):
+    # 4 prompts x 4 samples per rollout: each score relative to its three siblings'
+    _, history = run(tiny_policy_dir, samples_per_prompt=4, updates=40)
+    start = mean([h["objective/score"] for h in history[:5]])
+    end = mean([h["objective/score"] for h in history[-5:]])
+    assert end > start + 0.5, (start, end)
 
 
 def test_lora_trains_adapters_only_and_saves_a_plain_folder(tiny_policy_dir, tmp_path):
@@ -212,3 +233,7 @@ def test_train_ppo_command_against_a_reward_version(
     # the fairness penalty wrapped around the reward
     assert cli([*args, "--counterfactual-weight", "1", "--no-promote"]) == 0
     assert cli(["train", "ppo", "--updates", "1"]) == 2  # no prompts: a clear error
+    # two samples per prompt through the command, and a batch they do not divide
+    assert cli([*args, "--samples-per-prompt", "2", "--no-promote"]) == 0
+    assert cli([*args, "--samples-per-prompt", "3"]) == 2
+    assert "multiple of samples_per_prompt" in capsys.readouterr().err

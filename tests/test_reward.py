@@ -225,3 +225,25 @@ def test_prompt_groups_score_each_answer_once_and_keep_every_pair(tiny_reward_ba
             -torch.nn.functional.logsigmoid(torch.tensor(r_chosen - r_rejected - margin))
         )
     assert float(grouped) == pytest.approx(float(torch.stack(one_by_one).mean()), abs=1e-5)
+
+
+def test_a_decoder_with_a_score_head_trains_as_a_reward_model(tmp_path, tiny_policy_dir):
+    # A causal LM folder (GPT-2 with a chat template) gets a fresh score head on the last
+    # real token; right padding must not move that token, so batched scores match single ones.
+    config = RewardTrainingConfig(
+        learning_rate=1e-3, num_train_epochs=4, per_device_train_batch_size=16, max_length=64
+    )
+    result = train_reward(
+        synthetic_pairs(160, 0),
+        synthetic_pairs(40, 1),
+        Registry(tmp_path / "registry"),
+        str(tiny_policy_dir),
+        config,
+    )
+    assert result.metrics["accuracy_after"] >= 0.9, result.metrics
+    model = RewardModel.load(result.version.path, max_length=64)
+    assert type(model.model).__name__ == "GPT2ForSequenceClassification"
+    prompts, answers = ["a question?", "another, longer question here?"], ["great", "bad bad bad"]
+    together = model.score(prompts, answers, batch_size=2)
+    alone = [model.score([p], [a])[0] for p, a in zip(prompts, answers, strict=True)]
+    assert together == pytest.approx(alone, abs=1e-5)

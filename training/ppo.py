@@ -3,11 +3,14 @@
 Follows InstructGPT (Ouyang et al., 2022) and "The N Implementation Details of RLHF with
 PPO" (Huang et al., 2023). One update is:
 
-1. rollout: sample a response for each prompt from the policy; score the decoded text
-   with `reward_fn` (so the reward model may use any tokenizer); scores are normalized by
-   the running mean and standard deviation of all scores so far, so the KL coefficient
-   means the same for any reward model's scale (Huang et al., "reward normalization");
-   a response that never ends (no eos) gets `missing_eos_penalty` subtracted;
+1. rollout: sample `samples_per_prompt` responses for each prompt from the policy; score
+   the decoded text with `reward_fn` (so the reward model may use any tokenizer); scores
+   are normalized by the running mean and standard deviation of all scores so far, so the
+   KL coefficient means the same for any reward model's scale (Huang et al., "reward
+   normalization"); with several samples per prompt each score is taken relative to the
+   mean of its siblings' (leave-one-out, as in RLOO), which removes how easy the prompt
+   is from the signal, something a freshly initialized value head cannot do for many
+   updates; a response that never ends (no eos) gets `missing_eos_penalty` subtracted;
 2. per-token rewards: -kl_coef * (log pi(a|s) - log pi_ref(a|s)) at every token (the KL
    penalty to the frozen reference), plus the score at the last token;
 3. bootstrap values / GAE: advantages with gamma and lambda over the response tokens,
@@ -50,7 +53,14 @@ class PPOConfig:
     updates: int = field(
         default=20, metadata={"help": "PPO updates (rollout + optimization rounds)."}
     )
-    batch_size: int = field(default=8, metadata={"help": "Prompts (and responses) per rollout."})
+    batch_size: int = field(default=8, metadata={"help": "Responses per rollout."})
+    samples_per_prompt: int = field(
+        default=1,
+        metadata={
+            "help": "Responses sampled per prompt (batch_size / this prompts per rollout); "
+            "above 1, each score is taken relative to its siblings' mean."
+        },
+    )
     mini_batch_size: int = field(default=4, metadata={"help": "Responses per gradient step."})
     ppo_epochs: int = field(default=2, metadata={"help": "Passes over each rollout."})
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
@@ -91,6 +101,13 @@ class PPOConfig:
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
+
+    def __post_init__(self) -> None:
+        if self.samples_per_prompt < 1 or self.batch_size % self.samples_per_prompt:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of samples_per_prompt "
+                f"({self.samples_per_prompt}): a rollout holds whole groups of samples per prompt"
+            )
 
 
 # -- closed-form pieces (tested against values computed by hand) ---------------------------
@@ -160,6 +177,14 @@ def clipped_value_loss(
     return 0.5 * masked_mean(
         torch.maximum((new_values - returns) ** 2, (clipped - returns) ** 2), mask
     )
+
+
+def leave_one_out_baseline(scores: torch.Tensor, group: int) -> torch.Tensor:
+    """Each score minus the mean of the other scores for the same prompt; `scores` holds
+    `group` consecutive responses per prompt."""
+    grouped = scores.view(-1, group)
+    others = (grouped.sum(1, keepdim=True) - grouped) / (group - 1)
+    return (grouped - others).view(-1)
 
 
 class AdaptiveKLController:
@@ -351,6 +376,8 @@ class PPOTrainer:
         if c.normalize_scores:
             self.score_moments.update(scores)
             final = self.score_moments.normalize(scores)
+        if c.samples_per_prompt > 1:
+            final = leave_one_out_baseline(final, c.samples_per_prompt)
         final = final - c.missing_eos_penalty * (~ended).float()
         mask = response_mask.float()
         rewards = -self.kl.value * kl_estimates(logprobs, ref_logprobs)["k1"] * mask
@@ -369,9 +396,11 @@ class PPOTrainer:
         )
 
     def step(self, prompts: Sequence[str]) -> dict[str, float]:
-        """One PPO update on a batch of prompts; returns its metrics."""
+        """One PPO update on a batch of prompts (each sampled `samples_per_prompt` times);
+        returns its metrics."""
         c = self.config
         started = time.perf_counter()
+        prompts = [p for p in prompts for _ in range(c.samples_per_prompt)]
         r = self.rollout(prompts)
         mask = r.response_mask
         q_len = r.input_ids.shape[1] - mask.shape[1]
@@ -445,8 +474,9 @@ class PPOTrainer:
         order = torch.randperm(len(prompts), generator=generator).tolist()
         bar = tqdm(range(c.updates), desc="ppo", unit="update")
         for update in bar:
-            start = (update * c.batch_size) % len(order)
-            batch = [prompts[order[(start + i) % len(order)]] for i in range(c.batch_size)]
+            n = c.batch_size // c.samples_per_prompt
+            start = (update * n) % len(order)
+            batch = [prompts[order[(start + i) % len(order)]] for i in range(n)]
             metrics = self.step(batch)
             bar.set_postfix(
                 score=f"{metrics['objective/score']:.3f}", kl=f"{metrics['objective/kl']:.3f}"

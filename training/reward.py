@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,7 @@ def format_reward_input(
             [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
             tokenize=True,
         )
-        if isinstance(ids, dict):  # transformers 5 may return a BatchEncoding
+        if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding (not a dict)
             ids = ids["input_ids"]
         return list(ids)[-max_length:]
     # Encoder: one "[CLS] prompt [SEP] answer [SEP]" sequence, prompt cut from the left.

@@ -34,7 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="start from the current policy version, not the base",
     )
     parser.add_argument("--updates", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per rollout")
+    parser.add_argument("--batch-size", type=int, default=8, help="responses per rollout")
+    parser.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=1,
+        help="responses per prompt in a rollout; above 1 each score counts relative to its "
+        "siblings' mean (leave-one-out baseline); must divide --batch-size",
+    )
     parser.add_argument("--mini-batch-size", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=1e-5)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -72,6 +79,21 @@ def run(args: argparse.Namespace) -> int:
     from training.reward import RewardModel
 
     settings = Settings.from_env()
+    try:  # checked before anything slow runs
+        config = PPOConfig(
+            updates=args.updates,
+            batch_size=args.batch_size,
+            samples_per_prompt=args.samples_per_prompt,
+            mini_batch_size=args.mini_batch_size,
+            learning_rate=args.learning_rate,
+            max_new_tokens=args.max_new_tokens,
+            init_kl_coef=args.kl_coef,
+            target_kl=args.target_kl,
+            lora_r=args.lora_r,
+            seed=settings.seed,
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from None
     if args.prompts:
         try:
             prompts = read_prompts(args.prompts)
@@ -106,17 +128,6 @@ def run(args: argparse.Namespace) -> int:
         else resolve_policy(settings.policy_model, settings.models_cache_dir)
     )
     model, tokenizer = load_causal_lm(start)
-    config = PPOConfig(
-        updates=args.updates,
-        batch_size=args.batch_size,
-        mini_batch_size=args.mini_batch_size,
-        learning_rate=args.learning_rate,
-        max_new_tokens=args.max_new_tokens,
-        init_kl_coef=args.kl_coef,
-        target_kl=args.target_kl,
-        lora_r=args.lora_r,
-        seed=settings.seed,
-    )
     reward_fn = reward.score
     if args.counterfactual_weight > 0:
         from training.counterfactual import load_attributes
