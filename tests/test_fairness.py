@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+import torch
 from datasets import Dataset
 
 from ml_backend.cli import main as cli
@@ -110,6 +111,7 @@ def test_penalty_shrinks_a_planted_gender_bias_and_keeps_accuracy(
     """Training data where the chosen answer always says "he": the model learns that "he"
     pushes the reward up. The counterfactual penalty shrinks that gap; accuracy on pairs
     that do not depend on gender (balanced he/she) stays within 0.1."""
+    torch.manual_seed(0)  # the outcome must not depend on which tests drew random numbers first
     backbone = str(tiny_reward_backbone_dir)
     gender = load_attributes()["gender"]
     train, unrelated = planted(160, 0, bias=True), planted(60, 1, bias=False)
