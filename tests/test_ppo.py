@@ -237,3 +237,39 @@ def test_train_ppo_command_against_a_reward_version(
     assert cli([*args, "--samples-per-prompt", "2", "--no-promote"]) == 0
     assert cli([*args, "--samples-per-prompt", "3"]) == 2
     assert "multiple of samples_per_prompt" in capsys.readouterr().err
+
+
+def test_train_ppo_takes_its_prompts_from_a_label_studio_project(
+    settings,
+    tiny_reward_backbone_dir,
+    label_studio,
+    make_project,
+    ls_client,
+    finegrained_path,
+    monkeypatch,
+    capsys,
+):
+    from conftest import add_reward_version
+
+    from ml_backend.cli import main as cli
+    from training.finegrained import load_finegrained, to_label_studio_tasks
+
+    add_reward_version(settings, tiny_reward_backbone_dir)
+    project = make_project("ranking")
+    records = load_finegrained(finegrained_path)[:3]
+    ls_client.projects.import_tasks(
+        id=project.id, request=to_label_studio_tasks(records, "ranking")
+    )
+    for key, value in {
+        "LS_RLHF_HOME": str(settings.home),
+        "LS_RLHF_POLICY_MODEL": settings.policy_model,
+    }.items():
+        monkeypatch.setenv(key, value)
+    args = ["train", "ppo", "--project", str(project.id), "--updates", "1", "--batch-size", "2"]
+    args += ["--mini-batch-size", "1", "--max-new-tokens", "4"]
+    # The URL and key come from the flags as well as from the settings.
+    assert cli([*args, "--url", label_studio.url, "--api-key", label_studio.token]) == 0
+    assert "policy-v1: score" in capsys.readouterr().out
+    assert Registry(settings.registry_dir).current("policy").metadata["prompts"] == 3
+    assert cli([*args, "--url", label_studio.url, "--api-key", "wrong-token-123456"]) == 2
+    assert "LS_RLHF_LABEL_STUDIO_API_KEY" in capsys.readouterr().err

@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     source.add_argument(
         "--project", type=int, help="the prompts of this Label Studio project's tasks"
     )
+    parser.add_argument("--url", help="Label Studio URL (default: LS_RLHF_LABEL_STUDIO_URL)")
+    parser.add_argument(
+        "--api-key", help="Label Studio API key (default: LS_RLHF_LABEL_STUDIO_API_KEY)"
+    )
     parser.add_argument(
         "--reward-version", help="reward version to optimize, e.g. v3 (default: the current one)"
     )
@@ -100,10 +104,12 @@ def run(args: argparse.Namespace) -> int:
         except PromptFileError as err:
             raise UserError(str(err)) from None
     elif args.project is not None:
-        tasks, config = pull_export(
-            settings.label_studio_url, settings.label_studio_api_key, args.project
+        tasks, label_config = pull_export(
+            args.url or settings.label_studio_url,
+            args.api_key or settings.label_studio_api_key,
+            args.project,
         )
-        prompts = prompts_from_tasks(tasks, config)
+        prompts = prompts_from_tasks(tasks, label_config)
     else:
         raise UserError("say where the prompts are: --prompts FILE or --project ID")
     if not prompts:
