@@ -19,8 +19,6 @@ import dataclasses
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +27,8 @@ import requests
 from label_studio_sdk import LabelStudio
 
 import label_configs
-from ml_backend.studio import LABEL_STUDIO_VERSION, LabelStudioServer, free_port
+from ml_backend.backend_server import BackendServer
+from ml_backend.studio import LABEL_STUDIO_VERSION, LabelStudioServer
 from training.finegrained import DEFAULT_PATH as DATA
 from training.finegrained import load_finegrained, to_label_studio_tasks
 from training.settings import Settings
@@ -70,24 +69,10 @@ def run_size(
     cached = base.models_cache_dir / "SmolLM2-135M-Instruct"
     if cached.is_dir():  # reuse the converted default policy
         shutil.copytree(cached, settings.home / "models" / cached.name)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LS_RLHF_")}
-    env.update(
-        {
-            f"LS_RLHF_{f.name.upper()}": str(getattr(settings, f.name))
-            for f in dataclasses.fields(settings)
-        }
-    )
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(workdir / f"backend-{n}.log", "wb")  # noqa: SIM115
-    backend = subprocess.Popen(
-        [sys.executable, "-m", "ml_backend.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    backend = BackendServer(settings, workdir / f"backend-{n}.log")
+    url = backend.url
     try:
-        wait(lambda: _get(f"{url}/health").get("models") == "loaded", 300, 0.5)
+        backend.start(timeout=300)
         # Connecting creates Label Studio's webhook to /webhook: annotations reach the backend.
         ls.ml.create(project=project.id, url=url, title="ls-rlhf", is_interactive=False)
         started = time.monotonic()
@@ -120,8 +105,7 @@ def run_size(
             served = time.monotonic() - started
         return {"n": n, "cold": cold, "job_done": job_done, "served": served, "job": job}
     finally:
-        backend.terminate()
-        backend.wait(timeout=30)
+        backend.stop()
 
 
 def _get(url: str) -> dict:

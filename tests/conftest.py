@@ -21,6 +21,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from tiny_models import build_tiny_policy, build_tiny_reward_backbone  # noqa: E402
 
+from ml_backend.backend_server import BackendServer  # noqa: E402
 from ml_backend.studio import (
     LABEL_STUDIO_VERSION,
     LabelStudioServer,
@@ -133,89 +134,24 @@ def make_project(ls_client, request):
             ls_client.projects.delete(id=pid)
 
 
-class BackendProcess:
-    """`ls-rlhf serve` as a real gunicorn process on loopback."""
-
-    def __init__(self, settings: Settings, port: int, env: dict[str, str], log_path: Path) -> None:
-        self.settings, self.port, self.env, self.log_path = settings, port, env, log_path
-        self.process = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 120.0) -> BackendProcess:
-        import subprocess
-        import time
-
-        import requests
-
-        out = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
-        self.process = subprocess.Popen(
-            [str(ROOT / ".venv" / "bin" / "ls-rlhf"), "serve", "--port", str(self.port)],
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"backend exited with {self.process.returncode}; see {self.log_path}"
-                )
-            try:
-                health = requests.get(f"{self.url}/health", timeout=2, auth=self.auth).json()
-                if health.get("models") == "loaded":
-                    return self
-                if health.get("models") == "failed":
-                    raise RuntimeError(f"backend failed to load models: {health.get('error')}")
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"backend did not load its models in {timeout} s; see {self.log_path}")
-
-    @property
-    def auth(self):
-        s = self.settings
-        return (s.basic_auth_user, s.basic_auth_password) if s.basic_auth_user else None
-
-    def stop(self, sig: int | None = None) -> None:
-        import signal
-
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, sig or signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except Exception:  # noqa: BLE001
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that hands these settings to a child process."""
-    import dataclasses
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LS_RLHF_")}
-    for f in dataclasses.fields(settings):
-        env[f"LS_RLHF_{f.name.upper()}"] = str(getattr(settings, f.name))
-    env["HF_HUB_OFFLINE"] = "1"
-    return env
+    return {**settings.to_env(), "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture
 def start_backend(tmp_path):
     """start_backend(settings) -> a running `ls-rlhf serve` process; stopped after the test."""
-    from ml_backend.studio import free_port
-
     started = []
 
-    def start(settings: Settings) -> BackendProcess:
-        backend = BackendProcess(
-            settings, free_port(), settings_env(settings), tmp_path / f"backend-{len(started)}.log"
+    def start(settings: Settings) -> BackendServer:
+        backend = BackendServer(
+            settings,
+            tmp_path / f"backend-{len(started)}.log",
+            extra_env={"HF_HUB_OFFLINE": "1"},
         )
         started.append(backend)
-        return backend.start()
+        return backend.start(timeout=120)
 
     yield start
     for backend in started:

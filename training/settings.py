@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,16 @@ class Settings:
         settings = cls(**values)
         settings.validate()
         return settings
+
+    def to_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """`base` (default: this process's environment) with every `LS_RLHF_*` variable
+        replaced by these settings: the environment of a child process that must see
+        exactly them (a backend started by the demo, a benchmark or a test)."""
+        base = os.environ if base is None else base
+        env = {k: v for k, v in base.items() if not k.startswith(ENV_PREFIX)}
+        for f in dataclasses.fields(self):
+            env[ENV_PREFIX + f.name.upper()] = str(getattr(self, f.name))
+        return env
 
     def replace(self, **changes: Any) -> Settings:
         settings = dataclasses.replace(self, **changes)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import subprocess
-import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -62,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from label_studio_sdk import LabelStudio
 
     import label_configs
+    from ml_backend.backend_server import BackendServer, BackendStartError
     from ml_backend.studio import LabelStudioServer
     from ml_backend.tasks import read_prompts
 
@@ -77,27 +76,31 @@ def run(args: argparse.Namespace) -> int:
     )
     prompts = read_prompts(prompts_path)[: args.num_prompts]
     xml = label_configs.load(args.config)
+    if args.simulate and args.config != "pairwise":
+        raise UserError("--simulate plays the pairwise config; drop --config")
 
     print(
         f"starting Label Studio on {studio.url} (first start runs migrations: ~1 min) ...",
         flush=True,
     )
     studio.start()
-    backend_url = f"http://127.0.0.1:{args.backend_port}"
     env_settings = settings.replace(label_studio_url=studio.url, label_studio_api_key=studio.token)
     if args.simulate:
-        if args.config != "pairwise":
-            raise UserError("--simulate plays the pairwise config; drop --config")
         env_settings = env_settings.replace(train_every=args.per_round)
-    backend = _start_backend(env_settings, args.backend_port, demo_dir / "backend.log")
+    backend = BackendServer(env_settings, demo_dir / "backend.log", port=args.backend_port)
+    backend_url = backend.url
     try:
+        backend.launch()
         ls = LabelStudio(base_url=studio.url, api_key=studio.token)
         project = ls.projects.create(title=f"ls-rlhf demo ({args.config})", label_config=xml)
         print(
             f"waiting for the backend at {backend_url} to load the models (first run converts SmolLM2: ~30 s) ...",
             flush=True,
         )
-        _wait_for_backend(backend_url, backend)
+        try:
+            backend.wait_until_loaded()
+        except BackendStartError as err:
+            raise UserError(str(err)) from None
         ls.ml.create(project=project.id, url=backend_url, title="ls-rlhf", is_interactive=False)
         from ml_backend.cli import main as cli
 
@@ -126,58 +129,16 @@ def run(args: argparse.Namespace) -> int:
         if not args.exit_when_ready:
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
-        backend.terminate()
-        backend.wait(timeout=20)
+        backend.stop()
         studio.stop()
     return 0
-
-
-def _start_backend(settings: Settings, port: int, log_path: Path) -> subprocess.Popen:
-    import dataclasses
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LS_RLHF_")}
-    for f in dataclasses.fields(settings):
-        env[f"LS_RLHF_{f.name.upper()}"] = str(getattr(settings, f.name))
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    out = open(log_path, "ab")  # noqa: SIM115 - the child writes to it for its lifetime
-    return subprocess.Popen(
-        [sys.executable, "-m", "ml_backend.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def _wait_for_backend(url: str, process: subprocess.Popen, timeout: float = 600.0) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise UserError(f"the backend exited with {process.returncode}; see its log")
-        try:
-            health = requests.get(f"{url}/health", timeout=2).json()
-            if health.get("models") == "loaded":
-                return
-            if health.get("models") == "failed":
-                raise UserError(f"the backend could not load its models: {health.get('error')}")
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise UserError(f"the backend did not load its models in {timeout:.0f} s")
 
 
 class _env:
     """Temporarily export settings as LS_RLHF_* variables for in-process commands."""
 
     def __init__(self, settings: Settings) -> None:
-        import dataclasses
-
-        self.values = {
-            f"LS_RLHF_{f.name.upper()}": str(getattr(settings, f.name))
-            for f in dataclasses.fields(settings)
-        }
+        self.values = settings.to_env(base={})
 
     def __enter__(self) -> None:
         import os
