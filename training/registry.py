@@ -84,6 +84,11 @@ class Registry:
         name = pointer.read_text().strip()
         return self.get(kind, name) if name else None
 
+    def named_or_current(self, kind: str, name: str | None) -> Version | None:
+        """Version `name` if one is named (a RegistryError if it does not exist), else the
+        current one: what a command's --reward-version or --policy-version flag means."""
+        return self.get(kind, name) if name else self.current(kind)
+
     @contextmanager
     def stage(self, kind: str) -> Iterator[Path]:
         """A scratch folder to write a new version into; removed if never committed."""

@@ -62,11 +62,7 @@ def run(args: argparse.Namespace) -> int:
             f"no attribute list or templates for {', '.join(unknown)}; known: {', '.join(sorted(attributes))}"
         )
     registry = Registry(settings.registry_dir)
-    version = (
-        registry.get("reward", args.reward_version)
-        if args.reward_version
-        else registry.current("reward")
-    )
+    version = registry.named_or_current("reward", args.reward_version)
     if version is None:
         raise UserError("no reward version yet: train one with `ls-rlhf train reward`")
     reward = RewardModel.load(version.path)

@@ -44,20 +44,12 @@ def run(args: argparse.Namespace) -> int:
     except PromptFileError as err:
         raise UserError(str(err)) from None
     registry = Registry(settings.registry_dir)
-    policy_version = (
-        registry.get("policy", args.policy_version)
-        if args.policy_version
-        else registry.current("policy")
-    )
+    policy_version = registry.named_or_current("policy", args.policy_version)
     if policy_version is None:
         raise UserError(
             "no policy version to evaluate: train one with `ls-rlhf train ppo|dpo|sft|ilf`"
         )
-    reward_version = (
-        registry.get("reward", args.reward_version)
-        if args.reward_version
-        else registry.current("reward")
-    )
+    reward_version = registry.named_or_current("reward", args.reward_version)
     if reward_version is None:
         raise UserError("no reward version to judge with: train one with `ls-rlhf train reward`")
     if args.reference_version:
