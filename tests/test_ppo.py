@@ -234,9 +234,14 @@ def test_train_ppo_command_against_a_reward_version(
     assert cli([*args, "--counterfactual-weight", "1", "--no-promote"]) == 0
     assert cli(["train", "ppo", "--updates", "1"]) == 2  # no prompts: a clear error
     # two samples per prompt through the command, and a batch they do not divide
-    assert cli([*args, "--samples-per-prompt", "2", "--no-promote"]) == 0
+    assert (
+        cli([*args, "--samples-per-prompt", "2", "--ppo-epochs", "1", "--lam", "1", "--no-promote"])
+        == 0
+    )
     assert cli([*args, "--samples-per-prompt", "3"]) == 2
     assert "multiple of samples_per_prompt" in capsys.readouterr().err
+    assert cli([*args, "--lam", "1.5"]) == 2
+    assert "within [0, 1]" in capsys.readouterr().err
 
 
 def test_train_ppo_takes_its_prompts_from_a_label_studio_project(

@@ -103,6 +103,10 @@ class PPOConfig:
     seed: int = field(default=0, metadata={"help": "Random seed."})
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.lam <= 1.0 or not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"lam ({self.lam}) and gamma ({self.gamma}) must be within [0, 1]")
+        if self.ppo_epochs < 1 or self.mini_batch_size < 1:
+            raise ValueError("ppo_epochs and mini_batch_size must be at least 1")
         if self.samples_per_prompt < 1 or self.batch_size % self.samples_per_prompt:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of samples_per_prompt "

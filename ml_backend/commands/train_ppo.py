@@ -47,6 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "siblings' mean (leave-one-out baseline); must divide --batch-size",
     )
     parser.add_argument("--mini-batch-size", type=int, default=4)
+    parser.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout")
+    parser.add_argument(
+        "--lam",
+        type=float,
+        default=0.95,
+        help="GAE lambda: 1 gives every token the whole score, less leans on the value head",
+    )
     parser.add_argument("--learning-rate", type=float, default=1e-5)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument(
@@ -89,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             samples_per_prompt=args.samples_per_prompt,
             mini_batch_size=args.mini_batch_size,
+            ppo_epochs=args.ppo_epochs,
+            lam=args.lam,
             learning_rate=args.learning_rate,
             max_new_tokens=args.max_new_tokens,
             init_kl_coef=args.kl_coef,
@@ -115,11 +124,7 @@ def run(args: argparse.Namespace) -> int:
     if not prompts:
         raise UserError("no prompts found")
     registry = Registry(settings.registry_dir)
-    reward_version = (
-        registry.get("reward", args.reward_version)
-        if args.reward_version
-        else registry.current("reward")
-    )
+    reward_version = registry.named_or_current("reward", args.reward_version)
     if reward_version is None:
         raise UserError(
             "no reward version to optimize: train one with `ls-rlhf train reward` first"
