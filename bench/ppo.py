@@ -9,6 +9,10 @@ before and after, KL to the starting policy on those answers, and reward gain pe
 minute (user + system time of the training).
 
     .venv/bin/python bench/ppo.py [--updates 10] [--batch 4] [--generations 2]
+
+Runs at different learning rates reach different KL; to compare trainers at equal KL,
+append each run to a file (--results runs.jsonl) and plot the gains against KL
+(--plot runs.jsonl frontier.png, which runs nothing).
 """
 
 from __future__ import annotations
@@ -97,8 +101,9 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
             updates=args.updates,
             batch_size=args.batch * args.generations,
             samples_per_prompt=args.generations,
-            mini_batch_size=args.batch,
+            mini_batch_size=args.mini_batch or args.batch,
             ppo_epochs=args.ppo_epochs,
+            lam=args.lam,
             learning_rate=args.lr,
             max_new_tokens=args.new_tokens,
             init_kl_coef=args.kl,
@@ -161,6 +166,55 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
     }
 
 
+def plot_frontier(results: Path, out: Path) -> None:
+    """Held-out reward gain against KL to the start: one line per trainer and setting, one
+    point per learning rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(r: dict) -> str:
+        if r["trainer"] != "ppo":
+            return r["trainer"].upper()
+        return (
+            f"PPO, {r['ppo_epochs']} epoch(s) of minibatches of {r['mini_batch']}, λ {r['lam']:g}"
+        )
+
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in sorted({series(r) for r in rows}):
+        runs = sorted((r for r in rows if series(r) == name), key=lambda r: r["kl"])
+        gains = [r["reward_after"] - r["reward_before"] for r in runs]
+        ax.errorbar(
+            [r["kl"] for r in runs],
+            gains,
+            yerr=[r["gain_se"] for r in runs],
+            marker="o",
+            capsize=3,
+            label=name,
+        )
+        for r, gain in zip(runs, gains, strict=True):
+            ax.annotate(
+                f"lr {r['lr']:g}",
+                (r["kl"], gain),
+                textcoords="offset points",
+                xytext=(5, -10),
+                fontsize=7,
+            )
+    ax.set(
+        xlabel="KL to the starting policy (held-out answers)",
+        ylabel="held-out reward gain (± s.e.)",
+        title="Reward gain against KL, same budget of updates",
+    )
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--updates", type=int, default=10)
@@ -171,6 +225,12 @@ def main() -> None:
     parser.add_argument(
         "--ppo-epochs", type=int, default=2, help="PPO passes over each rollout (GRPO makes one)"
     )
+    parser.add_argument(
+        "--mini-batch",
+        type=int,
+        help="PPO answers per gradient step (default: --batch, so two steps per epoch)",
+    )
+    parser.add_argument("--lam", type=float, default=0.95, help="PPO's GAE lambda")
     parser.add_argument(
         "--kl", type=float, default=0.05, help="KL coefficient (PPO init_kl_coef, GRPO beta)"
     )
@@ -184,7 +244,19 @@ def main() -> None:
         "--reward-registry",
         help="registry folder to keep the reward model in: trained there once, reused after",
     )
+    parser.add_argument(
+        "--results", help="append each trainer's result, with its settings, to this JSON-lines file"
+    )
+    parser.add_argument(
+        "--plot",
+        nargs=2,
+        metavar=("RESULTS", "PNG"),
+        help="plot the gain against KL of the runs in a --results file, and exit",
+    )
     args = parser.parse_args()
+    if args.plot:
+        plot_frontier(Path(args.plot[0]), Path(args.plot[1]))
+        return
     if args.only:
         print("RESULT " + json.dumps(run_one(args.only, args)), flush=True)
         return
@@ -197,7 +269,8 @@ def main() -> None:
             command = [sys.executable, __file__, "--only", kind, "--reward-registry", registry] + [
                 f"--{k.replace('_', '-')}={v}"
                 for k, v in vars(args).items()
-                if k not in ("only", "reward_registry", "trainers") and v is not None
+                if k not in ("only", "reward_registry", "trainers", "results", "plot")
+                and v is not None
             ]
             output = subprocess.run(command, capture_output=True, text=True, check=False)
             line = next((ln for ln in output.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -205,9 +278,37 @@ def main() -> None:
                 print(output.stderr[-3000:])
                 raise SystemExit(f"{kind} failed")
             rows.append(json.loads(line[7:]))
+    if args.results:
+        settings = {k: getattr(args, k) for k in ("updates", "batch", "generations", "new_tokens")}
+        settings |= {"lr": args.lr, "kl_coef": args.kl}  # "kl" is the result's
+        ppo_settings = {
+            "ppo_epochs": args.ppo_epochs,
+            "mini_batch": args.mini_batch or args.batch,
+            "lam": args.lam,
+        }
+        with open(args.results, "a") as out:
+            for r in rows:
+                extra = ppo_settings if r["trainer"] == "ppo" else {}
+                label = f"lr {args.lr:g}" + (
+                    f", {args.ppo_epochs} ep, mb {extra['mini_batch']}, λ {args.lam:g}"
+                    if extra
+                    else ""
+                )
+                out.write(
+                    json.dumps(
+                        {
+                            **r,
+                            **settings,
+                            **extra,
+                            "label": label,
+                            "date": time.strftime("%Y-%m-%d"),
+                        }
+                    )
+                    + "\n"
+                )
     print(
         f"machine: {platform.machine()}; budget: {args.updates} updates x {args.batch} prompts x {args.generations} answers x {args.new_tokens} tokens; "
-        f"lr {args.lr}, KL coefficient {args.kl}, PPO epochs {args.ppo_epochs}"
+        f"lr {args.lr}, KL coefficient {args.kl}, PPO epochs {args.ppo_epochs} of minibatches of {args.mini_batch or args.batch}, GAE lambda {args.lam}"
     )
     print(
         f"{'trainer':<8}{'s/update':>10}{'peak GB':>9}{'reward before':>15}{'after':>9}{'± s.e.':>8}{'KL':>8}{'gain / CPU-min':>16}"
