@@ -101,7 +101,7 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
             updates=args.updates,
             batch_size=args.batch * args.generations,
             samples_per_prompt=args.generations,
-            mini_batch_size=args.mini_batch or args.batch,
+            mini_batch_size=args.mini_batch,
             ppo_epochs=args.ppo_epochs,
             lam=args.lam,
             learning_rate=args.lr,
@@ -254,6 +254,7 @@ def main() -> None:
         help="plot the gain against KL of the runs in a --results file, and exit",
     )
     args = parser.parse_args()
+    args.mini_batch = args.mini_batch or args.batch
     if args.plot:
         plot_frontier(Path(args.plot[0]), Path(args.plot[1]))
         return
@@ -283,32 +284,17 @@ def main() -> None:
         settings |= {"lr": args.lr, "kl_coef": args.kl}  # "kl" is the result's
         ppo_settings = {
             "ppo_epochs": args.ppo_epochs,
-            "mini_batch": args.mini_batch or args.batch,
+            "mini_batch": args.mini_batch,
             "lam": args.lam,
         }
         with open(args.results, "a") as out:
             for r in rows:
                 extra = ppo_settings if r["trainer"] == "ppo" else {}
-                label = f"lr {args.lr:g}" + (
-                    f", {args.ppo_epochs} ep, mb {extra['mini_batch']}, λ {args.lam:g}"
-                    if extra
-                    else ""
-                )
-                out.write(
-                    json.dumps(
-                        {
-                            **r,
-                            **settings,
-                            **extra,
-                            "label": label,
-                            "date": time.strftime("%Y-%m-%d"),
-                        }
-                    )
-                    + "\n"
-                )
+                row = {**r, **settings, **extra, "date": time.strftime("%Y-%m-%d")}
+                out.write(json.dumps(row) + "\n")
     print(
         f"machine: {platform.machine()}; budget: {args.updates} updates x {args.batch} prompts x {args.generations} answers x {args.new_tokens} tokens; "
-        f"lr {args.lr}, KL coefficient {args.kl}, PPO epochs {args.ppo_epochs} of minibatches of {args.mini_batch or args.batch}, GAE lambda {args.lam}"
+        f"lr {args.lr}, KL coefficient {args.kl}, PPO epochs {args.ppo_epochs} of minibatches of {args.mini_batch}, GAE lambda {args.lam}"
     )
     print(
         f"{'trainer':<8}{'s/update':>10}{'peak GB':>9}{'reward before':>15}{'after':>9}{'± s.e.':>8}{'KL':>8}{'gain / CPU-min':>16}"
