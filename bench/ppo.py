@@ -107,6 +107,7 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
             learning_rate=args.lr,
             max_new_tokens=args.new_tokens,
             init_kl_coef=args.kl,
+            kl_loss_coef=args.kl_loss,
             adaptive_kl=False,
             missing_eos_penalty=0.0,
         )
@@ -177,8 +178,10 @@ def plot_frontier(results: Path, out: Path) -> None:
     def series(r: dict) -> str:
         if r["trainer"] != "ppo":
             return r["trainer"].upper()
+        kl_loss = f", KL in loss {r['kl_loss']:g}" if r.get("kl_loss") else ""
         return (
-            f"PPO, {r['ppo_epochs']} epoch(s) of minibatches of {r['mini_batch']}, λ {r['lam']:g}"
+            f"PPO, {r['ppo_epochs']} epoch(s) of minibatches of {r['mini_batch']}, "
+            f"λ {r['lam']:g}{kl_loss}"
         )
 
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
@@ -234,6 +237,12 @@ def main() -> None:
     parser.add_argument(
         "--kl", type=float, default=0.05, help="KL coefficient (PPO init_kl_coef, GRPO beta)"
     )
+    parser.add_argument(
+        "--kl-loss",
+        type=float,
+        default=0.0,
+        help="PPO's kl_loss_coef: weight of a k3 KL-to-reference term in its loss, as GRPO's beta",
+    )
     parser.add_argument("--eval-prompts", type=int, default=100, help="held-out questions")
     parser.add_argument("--eval-samples", type=int, default=2, help="answers per held-out question")
     parser.add_argument("--reward-epochs", type=float, default=1.0)
@@ -280,21 +289,36 @@ def main() -> None:
                 raise SystemExit(f"{kind} failed")
             rows.append(json.loads(line[7:]))
     if args.results:
+        # Which code ran: timings change with it, and older rows stay in the file.
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=False,
+        ).stdout.strip()
         settings = {k: getattr(args, k) for k in ("updates", "batch", "generations", "new_tokens")}
         settings |= {"lr": args.lr, "kl_coef": args.kl}  # "kl" is the result's
         ppo_settings = {
             "ppo_epochs": args.ppo_epochs,
             "mini_batch": args.mini_batch,
             "lam": args.lam,
+            "kl_loss": args.kl_loss,
         }
         with open(args.results, "a") as out:
             for r in rows:
                 extra = ppo_settings if r["trainer"] == "ppo" else {}
-                row = {**r, **settings, **extra, "date": time.strftime("%Y-%m-%d")}
+                row = {
+                    **r,
+                    **settings,
+                    **extra,
+                    "date": time.strftime("%Y-%m-%d"),
+                    "commit": commit,
+                }
                 out.write(json.dumps(row) + "\n")
     print(
         f"machine: {platform.machine()}; budget: {args.updates} updates x {args.batch} prompts x {args.generations} answers x {args.new_tokens} tokens; "
-        f"lr {args.lr}, KL coefficient {args.kl}, PPO epochs {args.ppo_epochs} of minibatches of {args.mini_batch}, GAE lambda {args.lam}"
+        f"lr {args.lr}, KL coefficient {args.kl}, PPO epochs {args.ppo_epochs} of minibatches of {args.mini_batch}, GAE lambda {args.lam}, KL in PPO's loss {args.kl_loss}"
     )
     print(
         f"{'trainer':<8}{'s/update':>10}{'peak GB':>9}{'reward before':>15}{'after':>9}{'± s.e.':>8}{'KL':>8}{'gain / CPU-min':>16}"

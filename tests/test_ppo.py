@@ -96,6 +96,27 @@ def test_leave_one_out_baseline_by_hand():
 def test_samples_per_prompt_must_divide_the_batch():
     with pytest.raises(ValueError, match="multiple of samples_per_prompt"):
         PPOConfig(batch_size=6, samples_per_prompt=4)
+    with pytest.raises(ValueError, match="kl_loss_coef"):
+        PPOConfig(kl_loss_coef=-0.1)
+
+
+def test_rollout_log_probs_and_values_from_generation_match_a_forward_pass(tiny_policy_dir):
+    # The rollout takes them from `generate`; training recomputes them with a forward pass.
+    # They must agree, or the first PPO ratio is not 1: prompts of different lengths (left
+    # padding, absolute positions in the tiny GPT-2) and a temperature make that a test.
+    model, tokenizer = load_causal_lm(str(tiny_policy_dir))
+    config = PPOConfig(batch_size=3, max_new_tokens=10, temperature=0.7, missing_eos_penalty=0)
+    trainer = PPOTrainer(model, tokenizer, letter_e, config)
+    torch.nn.init.normal_(trainer.unwrapped.value_head.weight)  # it starts at zero
+    prompts = ["hi", "a much longer prompt than the first one, to pad the others", "mid length"]
+    r = trainer.rollout(prompts)
+    assert r.attention_mask[:, 0].tolist().count(0) == 2  # two rows are left-padded
+    with torch.no_grad():
+        logits, values = trainer.model(r.input_ids, r.attention_mask, r.response_mask.shape[1])
+    q_len = r.input_ids.shape[1] - r.response_mask.shape[1]
+    logprobs = trainer._logprobs(logits, r.input_ids[:, q_len:]) * r.response_mask
+    torch.testing.assert_close(r.logprobs, logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(r.values, values * r.response_mask, atol=1e-4, rtol=0)
 
 
 def letter_e(prompts, texts):
@@ -156,6 +177,17 @@ def test_ppo_learns_a_known_reward_with_bounded_kl_and_kl_coefficient_matters(
     assert sum(p.numel() for p in reloaded.parameters()) == sum(
         p.numel() for p in trainer.unwrapped.policy.parameters()
     )
+
+
+def test_a_kl_term_in_the_loss_keeps_the_policy_closer(tiny_policy_dir):
+    # No reward penalty in either run: only the loss's k3 term holds the policy back.
+    runs = {
+        coef: run(tiny_policy_dir, updates=30, init_kl_coef=0.0, kl_loss_coef=coef)[1]
+        for coef in (0.0, 2.0)
+    }
+    free, held = ([h["objective/kl"] for h in runs[c][-10:]] for c in (0.0, 2.0))
+    assert mean(held) < 0.5 * mean(free), (mean(held), mean(free))
+    assert "loss/kl" in runs[2.0][-1] and "loss/kl" not in runs[0.0][-1]
 
 
 def test_ppo_with_a_leave_one_out_baseline_learns(tiny_policy_dir):
@@ -233,11 +265,12 @@ def test_train_ppo_command_against_a_reward_version(
     # the fairness penalty wrapped around the reward
     assert cli([*args, "--counterfactual-weight", "1", "--no-promote"]) == 0
     assert cli(["train", "ppo", "--updates", "1"]) == 2  # no prompts: a clear error
-    # two samples per prompt through the command, and a batch they do not divide
-    assert (
-        cli([*args, "--samples-per-prompt", "2", "--ppo-epochs", "1", "--lam", "1", "--no-promote"])
-        == 0
-    )
+    # two samples per prompt and the KL term in the loss through the command, and a batch
+    # the samples do not divide
+    options = ["--samples-per-prompt", "2", "--ppo-epochs", "1", "--lam", "1"]
+    assert cli([*args, *options, "--kl-loss-coef", "0.1", "--no-promote"]) == 0
+    v4 = registry.get("policy", "v4")
+    assert v4.metadata["config"]["kl_loss_coef"] == 0.1 and "loss/kl" in v4.metadata["metrics"]
     assert cli([*args, "--samples-per-prompt", "3"]) == 2
     assert "multiple of samples_per_prompt" in capsys.readouterr().err
     assert cli([*args, "--lam", "1.5"]) == 2

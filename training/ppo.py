@@ -12,11 +12,13 @@ PPO" (Huang et al., 2023). One update is:
    is from the signal, something a freshly initialized value head cannot do for many
    updates; a response that never ends (no eos) gets `missing_eos_penalty` subtracted;
 2. per-token rewards: -kl_coef * (log pi(a|s) - log pi_ref(a|s)) at every token (the KL
-   penalty to the frozen reference), plus the score at the last token;
+   penalty to the frozen reference), plus the score at the last token; the sampled tokens'
+   log-probs and values come from the generation pass, so only the reference runs again;
 3. bootstrap values / GAE: advantages with gamma and lambda over the response tokens,
    returns = advantages + values, advantages whitened;
-4. PPO epochs over minibatches: clipped policy loss, clipped value loss, and metrics
-   (approx KL, clip fraction, entropy, explained variance);
+4. PPO epochs over minibatches: clipped policy loss, clipped value loss, optionally a k3
+   KL-to-reference term (`kl_loss_coef`, GRPO's way), and metrics (approx KL, clip
+   fraction, entropy, explained variance);
 5. adaptive KL controller (Ziegler et al., 2019): kl_coef follows a target KL.
 
 The value head is a linear layer on the policy's last hidden state: one trunk instead of
@@ -28,6 +30,7 @@ code runs under `accelerate launch` on GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -79,6 +82,14 @@ class PPOConfig:
     init_kl_coef: float = field(
         default=0.05, metadata={"help": "Initial per-token KL penalty coefficient."}
     )
+    kl_loss_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of a KL-to-reference term (the k3 estimator, per token) in the "
+            "policy loss, as GRPO's beta: it pulls every token back directly, where the "
+            "reward penalty acts only through the advantages. 0: the reward penalty alone."
+        },
+    )
     adaptive_kl: bool = field(
         default=True, metadata={"help": "Adapt the KL coefficient to target_kl."}
     )
@@ -105,6 +116,11 @@ class PPOConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0 or not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"lam ({self.lam}) and gamma ({self.gamma}) must be within [0, 1]")
+        if self.init_kl_coef < 0 or self.kl_loss_coef < 0:
+            raise ValueError(
+                f"init_kl_coef ({self.init_kl_coef}) and kl_loss_coef ({self.kl_loss_coef}) "
+                "must be at least 0"
+            )
         if self.ppo_epochs < 1 or self.mini_batch_size < 1:
             raise ValueError("ppo_epochs and mini_batch_size must be at least 1")
         if self.samples_per_prompt < 1 or self.batch_size % self.samples_per_prompt:
@@ -232,7 +248,16 @@ class RunningMoments:
         return (values - self.mean) / max(self.std, 1e-8)
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token, as `generate` counts them: with
+    left-padded prompts the default (0 at the first pad) would score tokens at other
+    positions than they were sampled at, in models with absolute position embeddings."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
 class PolicyWithValueHead(nn.Module):
+    """The policy and a scalar value head on its last hidden state."""
+
     def __init__(self, policy: nn.Module) -> None:
         super().__init__()
         self.policy = policy
@@ -242,16 +267,23 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, values) at the positions that predict the last `response_length` tokens.
+
+        The language-model head runs on those positions only: over the prompt it would cost
+        a (batch, prompt, vocabulary) tensor, most of the memory of an update, for nothing.
+        """
         out = self.policy(
             input_ids=input_ids,
             attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
             output_hidden_states=True,
             use_cache=False,
+            logits_to_keep=response_length + 1,
         )
-        values = self.value_head(out.hidden_states[-1]).squeeze(-1)
-        return out.logits, values
+        hidden = out.hidden_states[-1][:, -response_length - 1 : -1]
+        return out.logits[:, :-1], self.value_head(hidden).squeeze(-1)
 
 
 @dataclass
@@ -326,6 +358,8 @@ class PPOTrainer:
         ).to(self.accelerator.device)
         policy = self.unwrapped.policy
         policy.eval()
+        # The sampled tokens' log-probs and values come from the generation pass itself (its
+        # raw logits and last hidden states): a second forward pass would recompute them.
         output = policy.generate(
             **queries,
             do_sample=True,
@@ -335,9 +369,12 @@ class PPOTrainer:
             max_new_tokens=c.max_new_tokens,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+            output_hidden_states=True,
         )
         q_len = queries["input_ids"].shape[1]
-        responses = output[:, q_len:]
+        responses = output.sequences[:, q_len:]
         # Keep tokens up to and including the first eos; what follows is padding.
         is_eos = responses == tok.eos_token_id
         ended = is_eos.any(dim=1)
@@ -349,32 +386,34 @@ class PPOTrainer:
         positions = torch.arange(responses.shape[1], device=responses.device)
         response_mask = (positions[None, :] <= first_eos[:, None]).long()
         attention_mask = torch.cat([queries["attention_mask"], response_mask], dim=1)
-        input_ids = torch.cat(
-            [queries["input_ids"], torch.where(response_mask.bool(), responses, tok.pad_token_id)],
-            dim=1,
-        )
+        response_ids = torch.where(response_mask.bool(), responses, tok.pad_token_id)
+        input_ids = torch.cat([queries["input_ids"], response_ids], dim=1)
 
-        logits, values = self.model(input_ids, attention_mask)
-        logprobs = self._logprobs(logits[:, q_len - 1 : -1], input_ids[:, q_len:])
-        values = values[:, q_len - 1 : -1]
-        if self.reference is None:
-            with self.unwrapped.policy.disable_adapter():
-                ref_logits = self.unwrapped.policy(
-                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-                ).logits
-        else:
-            ref_logits = self.reference(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        logprobs = self._logprobs(torch.stack(output.logits, dim=1), response_ids)
+        # hidden_states holds, per generation step, every layer's output; the first step's
+        # covers the whole prompt, and its last position predicts the first response token.
+        steps = output.hidden_states
+        last_hidden = torch.cat([steps[0][-1][:, -1:]] + [step[-1] for step in steps[1:]], dim=1)
+        values = self.unwrapped.value_head(last_hidden).squeeze(-1)
+        # With LoRA the reference is the policy with its adapters disabled.
+        no_adapters = (
+            policy.disable_adapter() if self.reference is None else contextlib.nullcontext()
+        )
+        with no_adapters:
+            ref_logits = (self.reference or policy)(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask),
+                use_cache=False,
+                logits_to_keep=response_ids.shape[1] + 1,
             ).logits
-        ref_logprobs = self._logprobs(ref_logits[:, q_len - 1 : -1], input_ids[:, q_len:])
+        ref_logprobs = self._logprobs(ref_logits[:, :-1], response_ids)
 
-        texts = tok.batch_decode(
-            torch.where(response_mask.bool(), responses, tok.pad_token_id), skip_special_tokens=True
-        )
+        texts = tok.batch_decode(response_ids, skip_special_tokens=True)
         scores = torch.tensor(
             self.reward_fn(list(prompts), [t.strip() for t in texts]),
             dtype=torch.float,
-            device=logits.device,
+            device=logprobs.device,
         )
         final = scores
         if c.normalize_scores:
@@ -417,14 +456,14 @@ class PPOTrainer:
         # Minibatch updates.
         self.model.train()
         stats: dict[str, list[float]] = {
-            k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy")
+            k: [] for k in ("pg_loss", "vf_loss", "kl_loss", "clipfrac", "approx_kl", "entropy")
         }
         for _ in range(c.ppo_epochs):
             for idx in torch.randperm(len(prompts)).split(c.mini_batch_size):
-                logits, values = self.model(r.input_ids[idx], r.attention_mask[idx])
-                logits = logits[:, q_len - 1 : -1]
+                logits, new_values = self.model(
+                    r.input_ids[idx], r.attention_mask[idx], mask.shape[1]
+                )
                 new_logprobs = self._logprobs(logits, r.input_ids[idx, q_len:])
-                new_values = values[:, q_len - 1 : -1]
                 m = mask[idx]
                 pg_loss, clipfrac = clipped_policy_loss(
                     new_logprobs, r.logprobs[idx], advantages[idx], m, c.cliprange
@@ -433,6 +472,13 @@ class PPOTrainer:
                     new_values, r.values[idx], returns[idx], m, c.cliprange_value
                 )
                 loss = pg_loss + c.vf_coef * vf_loss
+                if c.kl_loss_coef:
+                    # Masked first: past eos the log-probs are not comparable.
+                    kl_loss = masked_mean(
+                        kl_estimates(new_logprobs * m, r.ref_logprobs[idx])["k3"], m
+                    )
+                    loss = loss + c.kl_loss_coef * kl_loss
+                    stats["kl_loss"].append(kl_loss.item())
                 self.optimizer.zero_grad()
                 self.accelerator.backward(loss)
                 self.optimizer.step()
@@ -460,6 +506,9 @@ class PPOTrainer:
             "policy/clipfrac": sum(stats["clipfrac"]) / len(stats["clipfrac"]),
             "loss/policy": sum(stats["pg_loss"]) / len(stats["pg_loss"]),
             "loss/value": sum(stats["vf_loss"]) / len(stats["vf_loss"]),
+            **(
+                {"loss/kl": sum(stats["kl_loss"]) / len(stats["kl_loss"])} if c.kl_loss_coef else {}
+            ),
             "val/explained_variance": explained.item(),
             "val/response_length": mask.sum(1).mean().item(),
             "time/seconds": time.perf_counter() - started,

@@ -60,6 +60,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--kl-coef", type=float, default=0.05, help="initial per-token KL coefficient"
     )
     parser.add_argument(
+        "--kl-loss-coef",
+        type=float,
+        default=0.0,
+        help="weight of a per-token KL-to-reference term in the policy loss (as GRPO's beta); "
+        "it holds the policy closer than the reward penalty alone (default 0: off)",
+    )
+    parser.add_argument(
         "--target-kl", type=float, default=6.0, help="target KL of the adaptive controller"
     )
     parser.add_argument(
@@ -101,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
             learning_rate=args.learning_rate,
             max_new_tokens=args.max_new_tokens,
             init_kl_coef=args.kl_coef,
+            kl_loss_coef=args.kl_loss_coef,
             target_kl=args.target_kl,
             lora_r=args.lora_r,
             seed=settings.seed,
