@@ -2,9 +2,10 @@
 
 Default policy (SmolLM2-135M-Instruct) and a MiniLM reward model trained here on
 FineGrainedRLHF rankings (first 400 questions; --reward-epochs at --reward-lr). Each trainer runs in its own
-process (so peak memory is its own) for the same budget: --updates optimizer rounds of
---batch prompts x --generations samples each, --new-tokens tokens per answer. Reported:
-seconds and peak memory per update, mean reward on --eval-prompts held-out questions
+process for the same budget: --updates optimizer rounds of --batch prompts x
+--generations samples each, --new-tokens tokens per answer. Reported: seconds per update,
+peak memory while training (the process's peak resident set, reset when training starts:
+the trainer's models, optimizer and activations, not the evaluation's), mean reward on --eval-prompts held-out questions
 before and after, KL to the starting policy on those answers, and reward gain per CPU
 minute (user + system time of the training).
 
@@ -18,6 +19,7 @@ append each run to a file (--results runs.jsonl) and plot the gains against KL
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import resource
@@ -35,6 +37,18 @@ from training.registry import Registry
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def reset_peak_memory() -> None:
+    """Restart Linux's count of the peak resident set (VmHWM) from the current size."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_gb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return (
+        int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM:")).split()[1]) / 1024**2
+    )
 
 
 def prepare_reward(folder: Path, epochs: float, lr: float) -> None:
@@ -92,6 +106,9 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
     reference, _ = load_causal_lm(path)
     train_prompts, eval_prompts = held_out_prompts(args.eval_prompts, args.eval_samples)
     before, _ = evaluate(reference, reference, tokenizer, reward, eval_prompts, args.new_tokens)
+    del reference  # the trainers hold their own; the evaluation's is loaded again after
+    gc.collect()
+    reset_peak_memory()
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     if kind == "ppo":
         from training.ppo import PPOConfig, PPOTrainer
@@ -149,9 +166,10 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
             trainer.train()
         trained = policy
     cpu, wall = cpu_seconds() - cpu0, time.perf_counter() - wall0
+    peak_gb = peak_memory_gb()
+    reference, _ = load_causal_lm(path)
     trained.eval()
     after, kl = evaluate(trained, reference, tokenizer, reward, eval_prompts, args.new_tokens)
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     # Standard error of the gain, paired by prompt row (same question, same sampling seed).
     gains = [a - b for a, b in zip(after, before, strict=True)]
     return {
