@@ -288,6 +288,15 @@ def main() -> None:
     if args.only:
         print("RESULT " + json.dumps(run_one(args.only, args)), flush=True)
         return
+    # Which code runs, read before it does: timings change with it, and older rows stay in
+    # the results file.
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+        check=False,
+    ).stdout.strip()
     with tempfile.TemporaryDirectory() as scratch:
         registry = args.reward_registry or scratch
         if args.reward_registry is None or Registry(registry).current("reward") is None:
@@ -307,14 +316,6 @@ def main() -> None:
                 raise SystemExit(f"{kind} failed")
             rows.append(json.loads(line[7:]))
     if args.results:
-        # Which code ran: timings change with it, and older rows stay in the file.
-        commit = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=False,
-        ).stdout.strip()
         settings = {k: getattr(args, k) for k in ("updates", "batch", "generations", "new_tokens")}
         settings |= {"lr": args.lr, "kl_coef": args.kl}  # "kl" is the result's
         ppo_settings = {

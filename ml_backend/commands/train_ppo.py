@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
 from ml_backend.cli import UserError
 from training.settings import Settings
@@ -37,44 +38,40 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="start from the current policy version, not the base",
     )
-    parser.add_argument("--updates", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=8, help="responses per rollout")
-    parser.add_argument(
+    # Each of these sets the PPOConfig field of its dest; left out, the field's default holds
+    # (listed in training/ppo.py, not repeated here).
+    ppo = parser.add_argument_group("PPO (default: PPOConfig's in training/ppo.py)")
+    ppo.add_argument("--updates", type=int, help="rollout + optimization rounds")
+    ppo.add_argument("--batch-size", type=int, help="responses per rollout")
+    ppo.add_argument(
         "--samples-per-prompt",
         type=int,
-        default=1,
         help="responses per prompt in a rollout; above 1 each score counts relative to its "
         "siblings' mean (leave-one-out baseline); must divide --batch-size",
     )
-    parser.add_argument("--mini-batch-size", type=int, default=4)
-    parser.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout")
-    parser.add_argument(
+    ppo.add_argument("--mini-batch-size", type=int, help="responses per gradient step")
+    ppo.add_argument("--ppo-epochs", type=int, help="passes over each rollout")
+    ppo.add_argument(
         "--lam",
         type=float,
-        default=0.95,
         help="GAE lambda: 1 gives every token the whole score, less leans on the value head",
     )
-    parser.add_argument("--learning-rate", type=float, default=1e-5)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument(
-        "--kl-coef", type=float, default=0.05, help="initial per-token KL coefficient"
+    ppo.add_argument("--learning-rate", type=float)
+    ppo.add_argument("--max-new-tokens", type=int)
+    ppo.add_argument(
+        "--kl-coef",
+        dest="init_kl_coef",
+        type=float,
+        help="initial per-token KL penalty coefficient (in the reward)",
     )
-    parser.add_argument(
+    ppo.add_argument(
         "--kl-loss-coef",
         type=float,
-        default=0.0,
         help="weight of a per-token KL-to-reference term in the policy loss (as GRPO's beta); "
-        "it holds the policy closer than the reward penalty alone (default 0: off)",
+        "it holds the policy closer than the reward penalty alone; 0 turns it off",
     )
-    parser.add_argument(
-        "--target-kl", type=float, default=6.0, help="target KL of the adaptive controller"
-    )
-    parser.add_argument(
-        "--lora-r",
-        type=int,
-        default=0,
-        help="train LoRA adapters of this rank instead of all weights",
-    )
+    ppo.add_argument("--target-kl", type=float, help="target KL of the adaptive controller")
+    ppo.add_argument("--lora-r", type=int, help="train LoRA adapters of this rank, not all weights")
     parser.add_argument(
         "--no-promote", action="store_true", help="write the version without serving it"
     )
@@ -97,22 +94,13 @@ def run(args: argparse.Namespace) -> int:
     from training.reward import RewardModel
 
     settings = Settings.from_env()
+    given = {
+        f.name: getattr(args, f.name)
+        for f in fields(PPOConfig)
+        if getattr(args, f.name, None) is not None
+    }
     try:  # checked before anything slow runs
-        config = PPOConfig(
-            updates=args.updates,
-            batch_size=args.batch_size,
-            samples_per_prompt=args.samples_per_prompt,
-            mini_batch_size=args.mini_batch_size,
-            ppo_epochs=args.ppo_epochs,
-            lam=args.lam,
-            learning_rate=args.learning_rate,
-            max_new_tokens=args.max_new_tokens,
-            init_kl_coef=args.kl_coef,
-            kl_loss_coef=args.kl_loss_coef,
-            target_kl=args.target_kl,
-            lora_r=args.lora_r,
-            seed=settings.seed,
-        )
+        config = PPOConfig(**given, seed=settings.seed)
     except ValueError as err:
         raise UserError(str(err)) from None
     if args.prompts:
