@@ -105,7 +105,13 @@ def test_rollout_log_probs_and_values_from_generation_match_a_forward_pass(tiny_
     # They must agree, or the first PPO ratio is not 1: prompts of different lengths (left
     # padding, absolute positions in the tiny GPT-2) and a temperature make that a test.
     model, tokenizer = load_causal_lm(str(tiny_policy_dir))
-    config = PPOConfig(batch_size=3, max_new_tokens=10, temperature=0.7, missing_eos_penalty=0)
+    config = PPOConfig(
+        batch_size=3,
+        samples_per_prompt=1,
+        max_new_tokens=10,
+        temperature=0.7,
+        missing_eos_penalty=0,
+    )
     trainer = PPOTrainer(model, tokenizer, letter_e, config)
     torch.nn.init.normal_(trainer.unwrapped.value_head.weight)  # it starts at zero
     prompts = ["hi", "a much longer prompt than the first one, to pad the others", "mid length"]
@@ -126,10 +132,16 @@ def letter_e(prompts, texts):
 
 def run(policy_dir, **overrides):
     model, tokenizer = load_causal_lm(str(policy_dir))
+    # Classic PPO (one sample per prompt, GAE 0.95, two epochs, the KL in the reward only)
+    # unless a test says otherwise: the tests are about these parts, not the defaults.
     settings = {
         "updates": 60,
         "batch_size": 16,
+        "samples_per_prompt": 1,
         "mini_batch_size": 8,
+        "ppo_epochs": 2,
+        "lam": 0.95,
+        "kl_loss_coef": 0.0,
         "learning_rate": 1e-3,
         "max_new_tokens": 12,
         "missing_eos_penalty": 0.0,
@@ -177,6 +189,22 @@ def test_ppo_learns_a_known_reward_with_bounded_kl_and_kl_coefficient_matters(
     assert sum(p.numel() for p in reloaded.parameters()) == sum(
         p.numel() for p in trainer.unwrapped.policy.parameters()
     )
+
+
+def test_the_default_settings_learn_a_known_reward(tiny_policy_dir):
+    # Two answers per prompt, lambda 1, one epoch, the KL term in the loss: what
+    # `train ppo` runs unless told otherwise (the tiny model needs a larger learning rate).
+    model, tokenizer = load_causal_lm(str(tiny_policy_dir))
+    config = PPOConfig(
+        updates=60, batch_size=16, learning_rate=1e-3, max_new_tokens=12, missing_eos_penalty=0
+    )
+    history = PPOTrainer(model, tokenizer, letter_e, config).train(
+        [f"prompt number {i}" for i in range(32)]
+    )
+    start = mean([h["objective/score"] for h in history[:5]])
+    end = mean([h["objective/score"] for h in history[-5:]])
+    assert end > start + 0.3, (start, end)  # about +0.5 measured with two seeds
+    assert max(h["objective/kl"] for h in history) < 20
 
 
 def test_a_kl_term_in_the_loss_keeps_the_policy_closer(tiny_policy_dir):

@@ -53,19 +53,24 @@ RewardFn = Callable[[list[str], list[str]], list[float]]
 
 @dataclass
 class PPOConfig:
+    """PPO's settings. The defaults of the rollout's shape, lambda, epochs and the KL term
+    in the loss are those that beat TRL's GRPO per CPU-minute at equal KL in
+    `bench/ppo.py` (docs/benchmarks.md); the learning rate is kept low, as the safe start
+    for a model nobody has measured."""
+
     updates: int = field(
         default=20, metadata={"help": "PPO updates (rollout + optimization rounds)."}
     )
     batch_size: int = field(default=8, metadata={"help": "Responses per rollout."})
     samples_per_prompt: int = field(
-        default=1,
+        default=2,
         metadata={
             "help": "Responses sampled per prompt (batch_size / this prompts per rollout); "
             "above 1, each score is taken relative to its siblings' mean."
         },
     )
-    mini_batch_size: int = field(default=4, metadata={"help": "Responses per gradient step."})
-    ppo_epochs: int = field(default=2, metadata={"help": "Passes over each rollout."})
+    mini_batch_size: int = field(default=8, metadata={"help": "Responses per gradient step."})
+    ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout."})
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
     max_new_tokens: int = field(default=32, metadata={"help": "Response length limit."})
     max_prompt_length: int = field(
@@ -75,7 +80,13 @@ class PPOConfig:
         default=1.0, metadata={"help": "Sampling temperature; log-probs use the same."}
     )
     gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    lam: float = field(
+        default=1.0,
+        metadata={
+            "help": "GAE lambda: 1 credits every token with the whole score; below 1 leans "
+            "on the value head, which learns little in a few dozen updates."
+        },
+    )
     cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip range."})
     cliprange_value: float = field(default=0.2, metadata={"help": "Value clip range."})
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
@@ -83,7 +94,7 @@ class PPOConfig:
         default=0.05, metadata={"help": "Initial per-token KL penalty coefficient."}
     )
     kl_loss_coef: float = field(
-        default=0.0,
+        default=0.2,
         metadata={
             "help": "Weight of a KL-to-reference term (the k3 estimator, per token) in the "
             "policy loss, as GRPO's beta: it pulls every token back directly, where the "
