@@ -20,15 +20,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+# torch and transformers load inside the functions: every `ls-rlhf` command imports this
+# module for its error type, and `--help` should not wait seconds for them.
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +76,9 @@ def default_policy_path(cache_dir: str | os.PathLike[str]) -> Path:
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     log.info("converting %s into an HF folder at %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(
@@ -114,6 +114,8 @@ def resolve_reward_backbone(name_or_path: str) -> str:
 
 
 def load_tokenizer(name_or_path: str, padding_side: str = "left") -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except OSError as err:
@@ -128,6 +130,9 @@ def load_causal_lm(
     name_or_path: str, dtype: str = "float32"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer (left padding, for batched generation)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     tokenizer = load_tokenizer(name_or_path, padding_side="left")
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
@@ -143,6 +148,8 @@ def load_sequence_classifier(
     name_or_path: str, num_labels: int = 1
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A sequence classifier (a reward model has num_labels=1) and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
     tokenizer = load_tokenizer(name_or_path, padding_side="right")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
