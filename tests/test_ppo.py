@@ -93,7 +93,7 @@ def test_leave_one_out_baseline_by_hand():
     assert leave_one_out_baseline(scores, 3).tolist() == pytest.approx(expected)
 
 
-def test_samples_per_prompt_must_divide_the_batch():
+def test_config_rejects_settings_that_cannot_run():
     with pytest.raises(ValueError, match="multiple of samples_per_prompt"):
         PPOConfig(batch_size=6, samples_per_prompt=4)
     with pytest.raises(ValueError, match="kl_loss_coef"):

@@ -34,6 +34,7 @@ import contextlib
 import copy
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -466,9 +467,8 @@ class PPOTrainer:
 
         # Minibatch updates.
         self.model.train()
-        stats: dict[str, list[float]] = {
-            k: [] for k in ("pg_loss", "vf_loss", "kl_loss", "clipfrac", "approx_kl", "entropy")
-        }
+        # Per-minibatch values under their metric names; each metric is their mean.
+        stats: dict[str, list[float]] = defaultdict(list)
         for _ in range(c.ppo_epochs):
             for idx in torch.randperm(len(prompts)).split(c.mini_batch_size):
                 logits, new_values = self.model(
@@ -489,20 +489,20 @@ class PPOTrainer:
                         kl_estimates(new_logprobs * m, r.ref_logprobs[idx])["k3"], m
                     )
                     loss = loss + c.kl_loss_coef * kl_loss
-                    stats["kl_loss"].append(kl_loss.item())
+                    stats["loss/kl"].append(kl_loss.item())
                 self.optimizer.zero_grad()
                 self.accelerator.backward(loss)
                 self.optimizer.step()
                 with torch.no_grad():
                     probs = F.softmax(logits / c.temperature, dim=-1)
                     entropy = masked_mean(-(probs * torch.log(probs.clamp(min=1e-12))).sum(-1), m)
-                    stats["pg_loss"].append(pg_loss.item())
-                    stats["vf_loss"].append(vf_loss.item())
-                    stats["clipfrac"].append(clipfrac.item())
-                    stats["approx_kl"].append(
+                    stats["loss/policy"].append(pg_loss.item())
+                    stats["loss/value"].append(vf_loss.item())
+                    stats["policy/clipfrac"].append(clipfrac.item())
+                    stats["policy/approx_kl"].append(
                         masked_mean(kl_estimates(new_logprobs, r.logprobs[idx])["k2"], m).item()
                     )
-                    stats["entropy"].append(entropy.item())
+                    stats["policy/entropy"].append(entropy.item())
 
         kl = (kl_estimates(r.logprobs, r.ref_logprobs)["k1"] * mask).sum(1).mean().item()
         variance = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
@@ -512,14 +512,7 @@ class PPOTrainer:
             "objective/kl": kl,
             "objective/kl_coef": self.kl.value,
             "objective/non_score_reward": (r.rewards.sum(1) - r.final_scores).mean().item(),
-            "policy/entropy": sum(stats["entropy"]) / len(stats["entropy"]),
-            "policy/approx_kl": sum(stats["approx_kl"]) / len(stats["approx_kl"]),
-            "policy/clipfrac": sum(stats["clipfrac"]) / len(stats["clipfrac"]),
-            "loss/policy": sum(stats["pg_loss"]) / len(stats["pg_loss"]),
-            "loss/value": sum(stats["vf_loss"]) / len(stats["vf_loss"]),
-            **(
-                {"loss/kl": sum(stats["kl_loss"]) / len(stats["kl_loss"])} if c.kl_loss_coef else {}
-            ),
+            **{name: sum(values) / len(values) for name, values in stats.items()},
             "val/explained_variance": explained.item(),
             "val/response_length": mask.sum(1).mean().item(),
             "time/seconds": time.perf_counter() - started,
