@@ -267,13 +267,12 @@ def _parse_result(result, schema, prompt, answer_text, items, source):
         )
         return records + flags, None
     if kind == "rating":
-        rating = next((r for r in schema.ratings if r.name == name), None)
-        if rating is None:
+        control = next((r for r in schema.ratings if r.name == name), None)
+        if control is None:
             raise ValueError(f"no Rating tag named {name!r} in the config")
         score = float(value["rating"])
-        return Rating(
-            prompt, _answer(answer_text, rating.answer_tag), rating.criterion, score, 5.0, source
-        ), None
+        answer = _answer(answer_text, control.answer_tag)
+        return Rating(prompt, answer, control.criterion, score, control.max_rating, source), None
     if kind == "choices":
         chosen = value["choices"]
         if not isinstance(chosen, list):

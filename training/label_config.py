@@ -28,11 +28,13 @@ class LabelConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class Rating:
+class RatingControl:
+    """A Rating tag of the config (the feedback it yields is `training.feedback.Rating`)."""
+
     name: str  # the Rating control's name
     answer_tag: str  # the Text tag it rates
     criterion: str  # e.g. "helpfulness"
-    max_rating: float = 5.0
+    max_rating: float = 5.0  # the tag's maxRating (Label Studio's default: 5)
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class Schema:
     buckets: tuple[str, ...] = ()
     choices: str | None = None  # Choices whose values name answers ("answer1", ...)
     choice_values: dict[str, str] = field(default_factory=dict)  # choice value -> answer tag
-    ratings: tuple[Rating, ...] = ()
+    ratings: tuple[RatingControl, ...] = ()
     flags: tuple[
         tuple[str, str], ...
     ] = ()  # (Choices name, answer tag): "biased", "unsafe" per answer
@@ -144,7 +146,7 @@ def read_schema(config_xml: str) -> Schema:
             if target not in answer_tags:
                 answer_tags.append(target)
             found.append(
-                Rating(
+                RatingControl(
                     el.get("name"),
                     target,
                     _criterion(el.get("name"), target),
