@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 import label_configs
+from training.datasets import preference_votes
 from training.feedback import (
     Comparison,
     Critique,
@@ -10,6 +13,7 @@ from training.feedback import (
     Flag,
     Ranking,
     Rating,
+    Source,
     parse_export,
 )
 
@@ -153,6 +157,24 @@ def test_ratings_and_flags_per_answer():
     assert [(f.answer, f.flag) for f in records if isinstance(f, Flag)] == [("B", "biased")]
 
 
+def test_ratings_keep_the_scale_their_config_declares():
+    config = label_configs.load("rating").replace('maxRating="5"', 'maxRating="10"')
+    results = [
+        {
+            "from_name": f"helpfulness_{tag}",
+            "to_name": tag,
+            "type": "rating",
+            "value": {"rating": v},
+        }
+        for tag, v in (("answer1", 8), ("answer2", 4))
+    ]
+    data = {"prompt": "Q", "answer1": "A", "answer2": "B"}
+    records = parse_export([task(1, data, ann(1, *results))], config).records
+    assert [(r.value, r.max_value) for r in records] == [(8.0, 10.0), (4.0, 10.0)]
+    # The margin of the preference is the gap on the config's scale: 4 of 10, not 4 of 5.
+    assert preference_votes(records) == [("Q", "A", "B", pytest.approx(0.4))]
+
+
 def test_demonstration_knows_the_model_draft_from_the_prediction():
     draft = {
         "from_name": "answer",
@@ -161,9 +183,11 @@ def test_demonstration_knows_the_model_draft_from_the_prediction():
         "value": {"text": ["model draft"]},
     }
     fixed = {**draft, "value": {"text": ["corrected answer"]}}
-    tasks = [task(1, {"prompt": "Q"}, ann(1, fixed), predictions=[{"result": [draft]}])]
+    tasks = [task(1, {"prompt": "Q"}, ann(7, fixed, user=3), predictions=[{"result": [draft]}])]
     (demo,) = parse_export(tasks, label_configs.load("demonstration")).records
-    assert demo == Demonstration("Q", "corrected answer", "model draft", demo.source)
+    assert demo == Demonstration(
+        "Q", "corrected answer", "model draft", Source(1, 7, 3, from_prediction=False)
+    )
 
 
 def test_critique_with_rewrite_gives_critique_and_demonstration():
