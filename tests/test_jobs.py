@@ -45,7 +45,8 @@ def test_start_training_always_triggers_and_deletions_count(parts):
     assert job is not None and job.reason == "START_TRAINING"
     deleted = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 1}], "project": {"id": 5}}
     results = [trainer.on_event(events.record(deleted)) for _ in range(3)]
-    assert results[-1] is not None
+    assert [j is not None for j in results] == [False, False, True]
+    assert results[2].reason == "3 annotation events" and results[2].project_id == 5
 
 
 def test_events_during_a_run_coalesce_into_one_follow_up(parts):
@@ -81,18 +82,22 @@ def test_worker_thread_runs_jobs_and_records_metrics(parts):
     )
 
 
-def test_a_failing_job_records_why_and_keeps_the_log(parts, tmp_path):
+def test_a_failing_job_records_why_and_its_events_count_again(parts, caplog):
     events, store, _, _ = parts
 
     def broken(job, progress):
         raise RuntimeError("Label Studio unreachable")
 
-    trainer = Trainer(events, store, train_every=1, run_job=broken)
-    trainer.on_event(events.record(annotation(3, 1)))
+    trainer = Trainer(events, store, train_every=2, run_job=broken)
+    for i in range(2):
+        trainer.on_event(events.record(annotation(3, i)))
     execute_job(store, store.claim("me"), broken)
     (job,) = store.jobs(3)
-    assert job.state == "failed" and "Label Studio unreachable" in job.message
-    assert len(events.events(project_id=3)) == 1
+    assert job.state == "failed" and job.message == "RuntimeError: Label Studio unreachable"
+    assert "Traceback" in caplog.text and "Label Studio unreachable" in caplog.text
+    # The failed run covered nothing: one more annotation makes three uncovered, and a retry.
+    retry = trainer.on_event(events.record(annotation(3, 2)))
+    assert retry is not None and retry.reason == "3 annotation events"
 
 
 def test_jobs_left_running_by_a_dead_process_are_queued_again(tmp_path):
