@@ -132,17 +132,30 @@ def test_ranking_orders_by_reward_and_scores_the_closest_call(settings, tiny_rew
     )
 
 
-def test_demonstration_prefills_the_answer_box_with_the_policy_draft(client):
-    tasks = [
-        {"id": i, "data": {"prompt": f"Say something about {w}"}}
-        for i, w in enumerate(["cats", "dogs", "rain"])
-    ]
+def test_demonstration_prefills_the_answer_box_with_the_policy_draft(settings):
+    from training.generation import generate_completions
+
+    settings = settings.replace(temperature=0.0, max_new_tokens=8)  # greedy: drafts are known
+    client, app = make_client(settings)
+    prompts = [f"Say something about {w}" for w in ["cats", "dogs", "rain"]]
+    tasks = [{"id": i, "data": {"prompt": p}} for i, p in enumerate(prompts)]
     items = predict(client, tasks, config="demonstration").get_json()["results"]
+    served = app.extensions["ls_rlhf"].holder.get()
+    expected = generate_completions(
+        served.policy,
+        served.tokenizer,
+        prompts,
+        num_completions=1,
+        max_new_tokens=8,
+        temperature=0.0,
+        batch_size=len(prompts),
+    )
+    assert all(c[0] for c in expected)  # the tiny policy writes something for each prompt
     assert len(items) == 3
-    for item in items:
+    for item, (draft,) in zip(items, expected, strict=True):
         (box,) = item["result"]
-        assert (box["from_name"], box["type"]) == ("answer", "textarea")
-        assert isinstance(box["value"]["text"][0], str)
+        assert (box["from_name"], box["to_name"], box["type"]) == ("answer", "prompt", "textarea")
+        assert box["value"]["text"] == [draft]
 
 
 def test_over_budget_answers_in_time_and_tracks_the_rest(settings):
