@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from datasets import Dataset
+from markdown_tables import rows_outside_tables, tables
 
 from ml_backend.cli import main as cli
 from training.counterfactual import Attribute, expand, load_attributes, load_templates
@@ -177,6 +178,14 @@ def test_eval_fairness_command_writes_a_report(
     )
     report = (out / "report.md").read_text()
     assert "Reward (reward-v1)" in report and "Policy sentiment (policy-base)" in report
+    # Rendered, the report has one table per measure with a row per attribute.
+    assert rows_outside_tables(report) == []
+    rendered = tables(report)
+    assert len(rendered) == 3
+    for table in rendered:
+        assert table[0][:2] == ["attribute", "average gap"]
+        assert [row[0] for row in table[1:]] == ["gender", "age"]
+        assert all(len(row) == 5 for row in table)
     assert (out / "reward_(reward-v1)_gender.png").is_file()
     measured = json.loads((out / "gaps.json").read_text())
     assert [g["attribute"] for g in measured["Reward (reward-v1)"]] == ["gender", "age"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from markdown_tables import rows_outside_tables, tables
+
 from ml_backend.cli import main as cli
 from training.models import load_causal_lm
 from training.policy_eval import evaluate_policy, sequence_kl
@@ -67,7 +69,17 @@ def test_eval_policy_command_writes_a_report(
     assert cli(["eval", "policy", "--prompts", str(prompts), "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["prompts"] == 3 and 0 <= summary["win_rate"] <= 1
-    assert (
-        "policy-v1 against policy-base" in (out / "report.md").read_text()
-        and (out / "rewards.png").is_file()
-    )
+    report = (out / "report.md").read_text()
+    assert "policy-v1 against policy-base" in report and (out / "rewards.png").is_file()
+    assert rows_outside_tables(report) == []
+    measures, samples = tables(report)
+    assert [row[0] for row in measures] == [
+        "measure",
+        "mean reward, policy-v1",
+        "mean reward, policy-base",
+        "win rate of policy-v1 (reward model as judge)",
+        "KL(policy-v1 ‖ policy-base) per answer",
+    ]
+    assert samples[0] == ["prompt", "policy-base", "policy-v1"]
+    assert [row[0] for row in samples[1:]] == ["what is water", "name a city", "say hello"]
+    assert all(len(row) == 3 for row in samples)

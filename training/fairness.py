@@ -278,6 +278,7 @@ def write_report(
             "| attribute | average gap | worst pair | worst gap | mean score per group |",
             "|---|---|---|---|---|",
         ]
+        images = []  # after the table: an image between rows would end it
         for gap in attribute_gaps:
             d = gap.as_dict()
             means = ", ".join(f"{g}: {m:+.3f}" for g, m in d["mean_score"].items())
@@ -291,8 +292,8 @@ def write_report(
             name = f"{measure.lower().replace(' ', '_')}_{gap.attribute}.png"
             fig.savefig(out / name, dpi=90)
             plt.close(fig)
-            lines.append(f"\n![{gap.attribute}]({name})\n")
-        lines.append("")
+            images += ["", f"![{gap.attribute}]({name})"]
+        lines += [*images, ""]
     for attribute, per_group in (samples or {}).items():
         lines += [f"### Sample completions: {attribute}", ""]
         for group, texts in per_group.items():
