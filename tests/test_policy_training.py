@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+
+import pytest
 from datasets import Dataset
 
 from training.models import load_causal_lm
@@ -152,3 +155,26 @@ def test_ilf_keeps_the_refinement_that_follows_the_feedback_or_the_annotators_re
         metadata={"algorithm": "ilf"},
     )
     assert version.metadata["algorithm"] == "ilf"
+
+
+def test_trl_trainers_report_to_the_trackers_the_setting_names(
+    tiny_policy_dir, tmp_path, monkeypatch
+):
+    examples = Dataset.from_dict({"prompt": PROMPTS[:4], "completion": ["Paris"] * 4})
+    monkeypatch.setenv("LS_RLHF_REPORT_TO", "tensorboard")
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "runs"))
+
+    def run():
+        train_sft(
+            examples,
+            Registry(tmp_path / "registry"),
+            str(tiny_policy_dir),
+            SFTSettings(max_steps=1),
+        )
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        run()
+        assert list((tmp_path / "runs").glob("events.out.tfevents.*"))
+    else:  # the trainer was asked for TensorBoard: it says its package is missing
+        with pytest.raises(RuntimeError, match="requires tensorboard"):
+            run()

@@ -12,11 +12,13 @@ from datasets import Dataset
 
 from training.generation import render_prompt
 from training.registry import Registry, Version
+from training.settings import Settings, report_to
 
 
-def machine_args(output_dir: Path) -> dict[str, Any]:
+def machine_args(output_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
     """TRL/transformers arguments: bf16 and gradient checkpointing only on a GPU (on a CPU
-    they make every step many times slower), no checkpoints, no trackers."""
+    they make every step many times slower), no checkpoints, the trackers that
+    `LS_RLHF_REPORT_TO` names (of `settings`, or of the environment)."""
     gpu = torch.cuda.is_available()
     return {
         "output_dir": str(output_dir),
@@ -24,7 +26,7 @@ def machine_args(output_dir: Path) -> dict[str, Any]:
         "bf16": gpu and torch.cuda.is_bf16_supported(),
         "activation_checkpointing": False,  # transformers 5 name of gradient checkpointing
         "save_strategy": "no",
-        "report_to": [],
+        "report_to": report_to(settings),
         "logging_steps": 5,
     }
 

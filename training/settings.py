@@ -127,6 +127,15 @@ class Settings:
             "help": "If set, training jobs go to an RQ queue on this Redis; run `ls-rlhf worker`."
         },
     )
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "Experiment tracking of training runs: none, all, or integrations that "
+            "transformers supports, comma-separated (tensorboard, trackio, wandb, mlflow, ...; "
+            "each needs its package). TensorBoard writes under $TENSORBOARD_LOGGING_DIR, "
+            "else in the run's temporary folder."
+        },
+    )
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -176,6 +185,12 @@ class Settings:
             raise SettingsError(
                 f"{ENV_PREFIX}LOOP_POLICY must be none, ppo or dpo, not {self.loop_policy!r}"
             )
+        names = [n.strip() for n in self.report_to.split(",")]
+        if not all(names) or (len(names) > 1 and {"none", "all"} & set(names)):
+            raise SettingsError(
+                f"{ENV_PREFIX}REPORT_TO must be none, all, or integration names separated by "
+                f"commas (e.g. tensorboard,trackio), not {self.report_to!r}"
+            )
         if bool(self.basic_auth_user) != bool(self.basic_auth_password):
             raise SettingsError(
                 f"set both {ENV_PREFIX}BASIC_AUTH_USER and {ENV_PREFIX}BASIC_AUTH_PASSWORD, or neither"
@@ -203,6 +218,24 @@ class Settings:
                 value = "***" if value else ""
             out[f.name] = str(value) if isinstance(value, Path) else value
         return out
+
+
+def report_to(settings: Settings | None = None) -> list[str]:
+    """`report_to` for TRL/transformers training arguments, from `LS_RLHF_REPORT_TO`
+    (`settings`, or the environment's): [] for none, ["all"] for every installed one."""
+    value = (settings or Settings.from_env()).report_to
+    names = [n.strip() for n in value.split(",")]
+    if names == ["none"]:
+        return []
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    unknown = [n for n in names if n != "all" and n not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        raise SettingsError(
+            f"{ENV_PREFIX}REPORT_TO names {', '.join(unknown)}, which transformers does not "
+            f"support; it supports {', '.join(sorted(INTEGRATION_TO_CALLBACK))}"
+        )
+    return names
 
 
 def describe() -> list[tuple[str, str, str]]:
