@@ -25,9 +25,15 @@ def run(args: argparse.Namespace) -> int:
     if args.markdown:
         print("| variable | default | meaning |\n|---|---|---|")
         for name, default, help_text in describe():
-            print(f"| `{name}` | `{default}` | {help_text} |")
+            shown = f"`{default}`" if default else ""
+            print(f"| `{name}` | {shown} | {_cell(help_text)} |")
         return 0
     for name, default, help_text in describe():
         value = current[name.removeprefix("LS_RLHF_").lower()]
         print(f"{name}={value}\n    {help_text} (default: {default})")
     return 0
+
+
+def _cell(text: str) -> str:
+    """Text as a Markdown table cell: a `|` would split it, a `<...>` would read as HTML."""
+    return text.replace("|", "\\|").replace("<", "&lt;")
