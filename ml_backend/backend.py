@@ -228,7 +228,7 @@ class RLHFBackend:
                 )
             else:
                 job.state = "done"
-        except Exception as err:  # noqa: BLE001 - the reason is shown at /predictions/progress
+        except Exception as err:
             log.exception("delivering predictions failed")
             job.state, job.error = "failed", f"{type(err).__name__}: {err}"
         finally:

@@ -76,7 +76,7 @@ class ModelHolder:
     def _initial_load(self) -> None:
         try:
             self.refresh()
-        except Exception as err:  # noqa: BLE001 - reported on /health and by get()
+        except Exception as err:
             self.load_error = f"{type(err).__name__}: {err}"
             log.exception("loading models failed")
         finally:
@@ -99,7 +99,7 @@ class ModelHolder:
     def refresh_if_changed(self) -> bool:
         try:
             return self.refresh()
-        except Exception:  # noqa: BLE001 - keep serving the loaded version
+        except Exception:
             log.exception("loading the new version failed; still serving the previous one")
             return False
 

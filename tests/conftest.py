@@ -19,17 +19,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from tiny_models import build_tiny_policy, build_tiny_reward_backbone  # noqa: E402
+from tiny_models import build_tiny_policy, build_tiny_reward_backbone
 
-from ml_backend.backend_server import BackendServer  # noqa: E402
+from ml_backend.backend_server import BackendServer
 from ml_backend.studio import (
     LABEL_STUDIO_VERSION,
     LabelStudioServer,
     LabelStudioStartError,
     find_label_studio,
-)  # noqa: E402
-from training.registry import Registry  # noqa: E402
-from training.settings import Settings  # noqa: E402
+)
+from training.registry import Registry
+from training.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -157,8 +157,13 @@ def write_policy_report(
             strict=True,
         )
     )[:samples]:
-        cell = lambda text: text.replace("|", "\\|").replace("\n", " ")[:300]  # noqa: E731
-        lines.append(f"| {cell(prompt)} | {cell(ref)} ({rr:+.2f}) | {cell(pol)} ({pr:+.2f}) |")
+        lines.append(f"| {_cell(prompt)} | {_cell(ref)} ({rr:+.2f}) | {_cell(pol)} ({pr:+.2f}) |")
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def _cell(text: str) -> str:
+    """At most 300 characters of text as a Markdown table cell: one line, `|` escaped (it
+    would split the cell), `<` too (it would start an HTML tag)."""
+    return text[:300].replace("\n", " ").replace("|", "\\|").replace("<", "&lt;")
