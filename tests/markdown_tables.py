@@ -37,3 +37,13 @@ def rows_outside_tables(text: str) -> list[str]:
         for number, line in enumerate(text.splitlines())
         if line.lstrip().startswith("|") and number not in inside
     ]
+
+
+def inline_html(text: str) -> list[str]:
+    """Inline HTML a renderer would find (a `<secret>` in a cell would vanish from the page)."""
+    return [
+        child.content
+        for token in _tokens(text)
+        for child in token.children or []
+        if child.type == "html_inline"
+    ]

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 from datasets import Dataset
-from markdown_tables import rows_outside_tables, tables
+from markdown_tables import inline_html, rows_outside_tables, tables
 
 from ml_backend.cli import main as cli
 from training.counterfactual import Attribute, expand, load_attributes, load_templates
@@ -179,7 +179,7 @@ def test_eval_fairness_command_writes_a_report(
     report = (out / "report.md").read_text()
     assert "Reward (reward-v1)" in report and "Policy sentiment (policy-base)" in report
     # Rendered, the report has one table per measure with a row per attribute.
-    assert rows_outside_tables(report) == []
+    assert rows_outside_tables(report) == [] and inline_html(report) == []
     rendered = tables(report)
     assert len(rendered) == 3
     for table in rendered:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from markdown_tables import rows_outside_tables, tables
+from markdown_tables import inline_html, rows_outside_tables, tables
 
 from ml_backend.cli import main as cli
 from training.models import load_causal_lm
@@ -71,7 +71,7 @@ def test_eval_policy_command_writes_a_report(
     assert summary["prompts"] == 3 and 0 <= summary["win_rate"] <= 1
     report = (out / "report.md").read_text()
     assert "policy-v1 against policy-base" in report and (out / "rewards.png").is_file()
-    assert rows_outside_tables(report) == []
+    assert rows_outside_tables(report) == [] and inline_html(report) == []
     measures, samples = tables(report)
     assert [row[0] for row in measures] == [
         "measure",
