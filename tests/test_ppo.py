@@ -15,9 +15,12 @@ from training.ppo import (
     RunningMoments,
     clipped_policy_loss,
     clipped_value_loss,
+    entropy_from_logits,
+    explained_variance,
     gae,
     kl_estimates,
     leave_one_out_baseline,
+    masked_mean,
     masked_whiten,
     save_policy_version,
 )
@@ -98,6 +101,14 @@ def test_config_rejects_settings_that_cannot_run():
         PPOConfig(batch_size=6, samples_per_prompt=4)
     with pytest.raises(ValueError, match="kl_loss_coef"):
         PPOConfig(kl_loss_coef=-0.1)
+    with pytest.raises(ValueError, match="temperature"):
+        PPOConfig(temperature=0.0)  # every log-prob divides by it
+    with pytest.raises(ValueError, match="updates"):
+        PPOConfig(updates=0)  # a run with no update has no metrics to save
+    with pytest.raises(ValueError, match="kl_estimator"):
+        PPOConfig(kl_estimator="k1")  # its gradient is 0 in expectation
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        PPOConfig(max_grad_norm=-1.0)
 
 
 def test_rollout_log_probs_and_values_from_generation_match_a_forward_pass(tiny_policy_dir):
@@ -339,3 +350,296 @@ def test_train_ppo_takes_its_prompts_from_a_label_studio_project(
     assert Registry(settings.registry_dir).current("policy").metadata["prompts"] == 3
     assert cli([*args, "--url", label_studio.url, "--api-key", "wrong-token-123456"]) == 2
     assert "LS_RLHF_LABEL_STUDIO_API_KEY" in capsys.readouterr().err
+
+
+# -- the points of issue 19 -------------------------------------------------------------------
+
+
+def one_minibatch(**overrides) -> PPOConfig:
+    """One epoch over one minibatch of the whole rollout: the update's first forward pass
+    sees exactly what the rollout saw."""
+    settings = {
+        "batch_size": 8,
+        "samples_per_prompt": 1,
+        "mini_batch_size": 8,
+        "ppo_epochs": 1,
+        "max_new_tokens": 8,
+        "learning_rate": 1e-3,
+        "missing_eos_penalty": 0.0,
+    }
+    return PPOConfig(**{**settings, **overrides})
+
+
+PROMPTS = [f"prompt number {i}" for i in range(8)]
+
+
+def test_dropout_is_off_so_the_first_ratio_is_one(tiny_policy_dir):
+    # The tiny GPT-2 has dropout 0.1 (GPT2Config's default) in its embeddings, attention and
+    # residuals: an update in train mode would start from a ratio that is not 1.
+    model, tokenizer = load_causal_lm(str(tiny_policy_dir))
+    assert model.config.resid_pdrop > 0 and model.config.attn_pdrop > 0
+    trainer = PPOTrainer(model, tokenizer, letter_e, one_minibatch())
+    metrics = trainer.step(PROMPTS)
+    assert metrics["policy/approx_kl"] < 1e-8, metrics
+    assert metrics["policy/clipfrac"] == 0.0
+    assert not trainer.model.training and not trainer.reference.training
+
+
+def test_sampling_ignores_the_models_own_generation_config(tmp_path):
+    # A hub model may ship a repetition penalty, no-repeat n-grams, suppressed tokens...:
+    # applied by `generate`, they would make the behaviour policy another one than the
+    # softmax(logits / T) that the log-probs are computed from. This model puts 0.9 on "e"
+    # at every step and its generation_config asks for all of them against it.
+    from tiny_models import build_steered_policy
+
+    folder = tmp_path / "steered"
+    settings = {
+        "do_sample": True,
+        "repetition_penalty": 50.0,
+        "no_repeat_ngram_size": 1,
+        "top_k": 2,
+        "min_p": 0.5,
+        "min_new_tokens": 8,
+    }
+    build_steered_policy(folder, "e", 0.9, generation=settings)
+    model, tokenizer = load_causal_lm(str(folder))
+    e = tokenizer.convert_tokens_to_ids("e")
+    model.generation_config.suppress_tokens = [e]
+    trainer = PPOTrainer(model, tokenizer, letter_e, one_minibatch(batch_size=16))
+    r = trainer.rollout([f"prompt {i}" for i in range(16)])
+    q_len = r.input_ids.shape[1] - r.response_mask.shape[1]
+    responses = r.input_ids[:, q_len:][r.response_mask.bool()]
+    share = (responses == e).float().mean().item()
+    assert 0.8 < share < 0.97, share  # 0.9 as the model says; 0 if "e" were suppressed
+    # the stored log-probs are those of that distribution: log 0.9 on every "e"
+    e_logprobs = r.logprobs[:, :][(r.input_ids[:, q_len:] == e) & r.response_mask.bool()]
+    torch.testing.assert_close(
+        e_logprobs, torch.full_like(e_logprobs, math.log(0.9)), atol=1e-4, rtol=0
+    )
+    # the model's own settings are back, and saved with the policy
+    assert trainer.unwrapped.policy.generation_config.repetition_penalty == 50.0
+    assert trainer.unwrapped.policy.generation_config.suppress_tokens == [e]
+
+
+def test_bf16_computes_rollout_reference_and_update_alike(tiny_policy_dir):
+    model, tokenizer = load_causal_lm(str(tiny_policy_dir))
+    trainer = PPOTrainer(model, tokenizer, letter_e, one_minibatch(bf16=True))
+    torch.nn.init.normal_(trainer.unwrapped.value_head.weight)  # it starts at zero
+    r = trainer.rollout(PROMPTS)
+    assert r.logprobs.dtype == r.values.dtype == torch.float32
+    assert trainer.unwrapped.value_head.weight.dtype == torch.float32  # the master weights
+    # the copied reference is the starting policy: same pass, same precision, KL 0
+    torch.testing.assert_close(r.logprobs, r.ref_logprobs, atol=1e-5, rtol=0)
+    metrics = trainer.step(PROMPTS)
+    assert metrics["policy/approx_kl"] < 1e-6, metrics  # the first ratio is 1 in bf16 too
+    assert all(math.isfinite(v) for v in metrics.values())
+    # bf16 does change the numbers: the same rollout in float32 differs
+    trainer.config.bf16 = False
+    with torch.no_grad():
+        logits, _ = trainer.model(r.input_ids, r.attention_mask, r.response_mask.shape[1])
+    q_len = r.input_ids.shape[1] - r.response_mask.shape[1]
+    fp32 = trainer._logprobs(logits, r.input_ids[:, q_len:]) * r.response_mask
+    assert (fp32 - r.logprobs).abs().max() > 1e-4
+
+
+def test_bf16_weights_are_refused_with_what_to_do(tiny_policy_dir):
+    model, tokenizer = load_causal_lm(str(tiny_policy_dir), dtype="bfloat16")
+    with pytest.raises(ValueError, match="load it in float32 and set bf16=True"):
+        PPOTrainer(model, tokenizer, letter_e, one_minibatch())
+
+
+def test_the_gradient_norm_is_clipped(tiny_policy_dir):
+    model, tokenizer = load_causal_lm(str(tiny_policy_dir))
+    trainer = PPOTrainer(model, tokenizer, letter_e, one_minibatch(max_grad_norm=1e-3))
+    torch.nn.init.normal_(trainer.unwrapped.value_head.weight)
+    metrics = trainer.step(PROMPTS)
+    assert metrics["policy/grad_norm"] > 1e-3  # the norm before clipping
+    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= 1e-3 * 1.001
+
+
+def test_the_k3_term_stays_finite_far_from_the_reference():
+    log_ratio = torch.tensor([-100.0, 0.5], requires_grad=True)  # exp(100) overflows float32
+    k3 = kl_estimates(log_ratio, torch.zeros(2))["k3"]
+    k3.sum().backward()
+    assert torch.isfinite(k3).all() and torch.isfinite(log_ratio.grad).all()
+    assert k3[1].item() == pytest.approx(math.expm1(-0.5) + 0.5)  # unchanged within the bound
+
+
+def test_kl_loss_gradients_against_exact_kls_on_a_categorical():
+    # Expected gradient of each estimator used as a loss on samples of pi (the sample
+    # weights pi(a) detached, as sampling is), against the exact gradients of both KLs.
+    torch.manual_seed(0)
+    theta = torch.randn(6, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(6), 0)
+
+    def expected_grad(estimator):
+        logp = torch.log_softmax(theta, 0)
+        loss = (logp.exp().detach() * kl_estimates(logp, ref)[estimator]).sum()
+        return torch.autograd.grad(loss, theta)[0]
+
+    def exact_grad(forward: bool):
+        logp = torch.log_softmax(theta, 0)
+        kl = (logp.exp() * (logp - ref)).sum() if forward else (ref.exp() * (ref - logp)).sum()
+        return torch.autograd.grad(kl, theta)[0]
+
+    forward, reverse = exact_grad(True), exact_grad(False)
+    assert (forward - reverse).norm() > 0.1  # the two directions differ here
+    torch.testing.assert_close(expected_grad("k2"), forward)  # KL(pi || ref)
+    torch.testing.assert_close(expected_grad("k3"), reverse)  # KL(ref || pi)
+
+
+def test_the_k2_estimator_runs_in_the_loss(tiny_policy_dir):
+    model, tokenizer = load_causal_lm(str(tiny_policy_dir))
+    trainer = PPOTrainer(model, tokenizer, letter_e, one_minibatch(kl_estimator="k2"))
+    trainer.step(PROMPTS)
+    metrics = trainer.step(PROMPTS)  # the second update: the policy has moved
+    assert metrics["loss/kl"] > 0
+
+
+def test_adaptive_kl_is_off_by_default_and_its_default_horizon_scales_with_the_run(
+    tiny_policy_dir,
+):
+    assert PPOConfig().adaptive_kl is False
+    assert PPOConfig(updates=20, batch_size=8).horizon == 16
+    model, tokenizer = load_causal_lm(str(tiny_policy_dir))
+    # KL far below the target: the coefficient falls by 1 - 0.2 * 8 / 4 every update
+    config = one_minibatch(updates=5, adaptive_kl=True, target_kl=1e6, max_new_tokens=4)
+    trainer = PPOTrainer(model, tokenizer, letter_e, config)
+    trainer.train(PROMPTS)
+    assert trainer.kl.value == pytest.approx(config.init_kl_coef * 0.6**5)
+
+
+def test_no_weight_decay_on_the_trunk_or_the_value_head(tiny_policy_dir):
+    model, tokenizer = load_causal_lm(str(tiny_policy_dir))
+    trainer = PPOTrainer(model, tokenizer, letter_e, one_minibatch())
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.0]
+
+
+def test_saving_a_lora_policy_leaves_the_trainer_its_adapters(tiny_policy_dir, tmp_path):
+    model, tokenizer = load_causal_lm(str(tiny_policy_dir))
+    trainer = PPOTrainer(model, tokenizer, letter_e, one_minibatch(lora_r=4, max_new_tokens=4))
+    trainer.step(PROMPTS)
+    save_policy_version(trainer, Registry(tmp_path / "registry"), {})
+    assert any("lora_" in name for name, _ in trainer.unwrapped.policy.named_parameters())
+    trainer.step(PROMPTS)  # it trains on, the reference still the adapters disabled
+    r = trainer.rollout(PROMPTS)
+    assert (r.logprobs - r.ref_logprobs).abs().max() > 1e-4
+
+
+def test_the_tokenizer_is_left_as_it_was(tiny_policy_dir, tmp_path):
+    import json
+
+    model, tokenizer = load_causal_lm(str(tiny_policy_dir))
+    assert tokenizer.truncation_side == "right"
+    trainer = PPOTrainer(model, tokenizer, letter_e, one_minibatch(updates=1, max_new_tokens=4))
+    trainer.train(PROMPTS)
+    version = save_policy_version(trainer, Registry(tmp_path / "registry"), {})
+    assert tokenizer.truncation_side == "right"
+    saved = json.loads((version.path / "tokenizer_config.json").read_text())
+    assert saved.get("truncation_side", "right") == "right"
+
+
+def test_masked_mean_ignores_what_lies_under_the_mask():
+    # past eos a log-prob can be -inf; 0 * -inf is nan in a multiplied mask
+    x = torch.tensor([[1.0, 3.0, -math.inf, math.nan]])
+    assert masked_mean(x, torch.tensor([[1.0, 1.0, 0.0, 0.0]])).item() == 2.0
+
+
+def test_entropy_by_hand():
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [9.0, 0.0, 0.0, 0.0]]])
+    # two uniform positions over 4 tokens (log 4 each); the third is masked out
+    assert entropy_from_logits(logits, torch.tensor([[1.0, 1.0, 0.0]]), 1.0) == pytest.approx(
+        math.log(4)
+    )
+    # temperature 2 halves the logits: p = softmax([4.5, 0, 0, 0])
+    p = torch.softmax(torch.tensor([4.5, 0.0, 0.0, 0.0]), 0)
+    expected = -(p * p.log()).sum().item()
+    assert entropy_from_logits(logits[:, 2:], torch.ones(1, 1), 2.0) == pytest.approx(
+        expected, abs=1e-6
+    )
+
+
+def test_explained_variance_by_hand():
+    returns, mask = torch.tensor([[1.0, 2.0, 3.0, 50.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    # values off by a constant explain all of the returns' spread
+    assert explained_variance(returns, returns + 3.0, mask) == pytest.approx(1.0)
+    # constant values explain none of it
+    assert explained_variance(returns, torch.full_like(returns, 2.0), mask) == pytest.approx(0.0)
+
+
+def test_a_model_without_chat_template_gets_the_bos_it_expects(tiny_policy_dir):
+    from tokenizers import processors
+
+    model, tokenizer = load_causal_lm(str(tiny_policy_dir))
+    tokenizer.chat_template = None  # a base model, whose tokenizer adds a BOS (as Llama's)
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, bos)]
+    )
+    assert tokenizer("hi")["input_ids"][0] == bos
+    trainer = PPOTrainer(model, tokenizer, letter_e, one_minibatch(max_new_tokens=2))
+    r = trainer.rollout(["hi", "a longer prompt"])
+    first_real = r.attention_mask.argmax(dim=1)
+    assert r.input_ids[torch.arange(2), first_real].tolist() == [bos, bos]
+    assert (r.input_ids == bos).sum().item() == 2  # once per prompt, not twice
+
+
+def constant(prompts, texts):
+    return [1.0] * len(texts)
+
+
+def test_eos_masking_the_score_at_the_first_eos_and_the_missing_eos_penalty(tmp_path):
+    # A model that ends at every step with probability 0.25: in 8 tokens some answers end
+    # (mostly early), some do not.
+    from tiny_models import build_steered_policy
+
+    model, tokenizer = load_causal_lm(
+        str(build_steered_policy(tmp_path / "eos", "<|im_end|>", 0.25))
+    )
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    config = one_minibatch(
+        batch_size=16, normalize_scores=False, missing_eos_penalty=0.7, init_kl_coef=0.5
+    )
+    trainer = PPOTrainer(model, tokenizer, constant, config)
+    # the reference 'knows' another model, so that the KL part of the rewards is not 0
+    torch.nn.init.normal_(trainer.reference.transformer.ln_f.weight, std=0.5)
+    r = trainer.rollout([f"prompt {i}" for i in range(16)])
+    q_len = r.input_ids.shape[1] - r.response_mask.shape[1]
+    responses = r.input_ids[:, q_len:]
+    lengths = r.response_mask.sum(1).long()
+    ended = [(responses[i, : lengths[i]] == eos).any().item() for i in range(16)]
+    assert 0 < sum(ended) < 16, ended  # both kinds in this batch (seeded)
+    kl_part = -0.5 * (r.logprobs - r.ref_logprobs)
+    for i in range(16):
+        n = lengths[i].item()
+        if ended[i]:
+            # the mask covers the answer up to and including its first eos, nothing after
+            assert responses[i, n - 1].item() == eos and (responses[i, : n - 1] != eos).all()
+            assert (responses[i, n:] == pad).all()
+            assert r.final_scores[i].item() == pytest.approx(1.0)
+        else:
+            assert n == responses.shape[1]
+            assert r.final_scores[i].item() == pytest.approx(1.0 - 0.7)  # the penalty
+        for per_token in (r.logprobs, r.ref_logprobs, r.values, r.rewards):
+            assert (per_token[i, n:] == 0).all()
+        # the score sits at the last kept token (the first eos), the KL penalty everywhere
+        torch.testing.assert_close(r.rewards[i, : n - 1], kl_part[i, : n - 1])
+        assert r.rewards[i, n - 1].item() == pytest.approx(
+            kl_part[i, n - 1].item() + r.final_scores[i].item(), abs=1e-6
+        )
+    assert kl_part[r.response_mask.bool()].abs().max() > 1e-3  # the KL part was not 0
+    # the reward function saw the answers cut at their first eos
+    assert all(tokenizer.eos_token not in t for t in r.texts)
+
+
+@pytest.mark.parametrize("lora_r", [0, 4], ids=["copied reference", "adapters disabled"])
+def test_kl_to_the_reference_is_zero_on_the_first_rollout(tiny_policy_dir, lora_r):
+    model, tokenizer = load_causal_lm(str(tiny_policy_dir))
+    trainer = PPOTrainer(model, tokenizer, letter_e, one_minibatch(lora_r=lora_r))
+    r = trainer.rollout(PROMPTS)
+    assert r.response_mask.sum() > 8
+    assert (r.logprobs - r.ref_logprobs).abs().max().item() < 1e-5
+    assert abs(trainer.step(PROMPTS)["objective/kl"]) < 1e-4
+    r = trainer.rollout(PROMPTS)  # and it moves once trained
+    assert (r.logprobs - r.ref_logprobs).abs().max().item() > 1e-4

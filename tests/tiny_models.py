@@ -133,3 +133,49 @@ def build_tiny_reward_backbone(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def build_steered_policy(
+    folder: Path,
+    token: str,
+    probability: float,
+    generation: dict | None = None,
+    seed: int = 0,
+) -> Path:
+    """The tiny policy made to emit `token` with `probability` at every step, whatever came
+    before: a model that ends its answers at a known rate (token = its eos), or favours one
+    token. `generation` goes into its generation_config, as a hub model's settings do.
+
+    The final layer norm's scale is set to 0, so the last hidden state is the norm's bias:
+    a vector along the token's (tied) embedding, scaled so that softmax gives the token
+    `probability` (found by bisection; the embedding is lengthened first, so that no other
+    token can win along that direction).
+    """
+    import torch
+
+    from training.models import load_causal_lm
+
+    build_tiny_policy(folder, seed=seed)
+    model, tokenizer = load_causal_lm(str(folder))
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    embeddings = model.get_input_embeddings().weight  # tied with the language-model head
+    with torch.no_grad():
+        embeddings[token_id] *= 3
+        direction = embeddings[token_id] / embeddings[token_id].norm()
+        projections = embeddings @ direction
+
+        def p(scale: float) -> float:
+            return torch.softmax(scale * projections, dim=0)[token_id].item()
+
+        low, high = 0.0, 1000.0
+        for _ in range(60):
+            middle = (low + high) / 2
+            low, high = (middle, high) if p(middle) < probability else (low, middle)
+        final_norm = model.transformer.ln_f
+        final_norm.weight.zero_()
+        final_norm.bias.copy_(low * direction)
+    for key, value in (generation or {}).items():
+        setattr(model.generation_config, key, value)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -16,16 +16,29 @@ PPO" (Huang et al., 2023). One update is:
    log-probs and values come from the generation pass, so only the reference runs again;
 3. bootstrap values / GAE: advantages with gamma and lambda over the response tokens,
    returns = advantages + values, advantages whitened;
-4. PPO epochs over minibatches: clipped policy loss, clipped value loss, optionally a k3
-   KL-to-reference term (`kl_loss_coef`, GRPO's way), and metrics (approx KL, clip
-   fraction, entropy, explained variance);
-5. adaptive KL controller (Ziegler et al., 2019): kl_coef follows a target KL.
+4. PPO epochs over minibatches: clipped policy loss, clipped value loss, optionally a
+   KL-to-reference term (`kl_loss_coef`, GRPO's way; `kl_estimator` says which), gradient
+   norm clipping, and metrics (approx KL, clip fraction, entropy, explained variance);
+5. adaptive KL controller (Ziegler et al., 2019), off by default: kl_coef follows a target
+   KL.
+
+Dropout is off throughout (the models stay in eval mode, as TRL's
+`disable_dropout_in_model` did): the rollout's log-probs and values come from a pass without
+dropout, so an update with dropout on would start from a ratio that is not 1 and clip for
+nothing. Sampling uses an explicit generation configuration: the processors a model's own
+`generation_config` may ask for (repetition penalty, no-repeat n-grams, top-k, min-p,
+suppressed tokens) would make the behaviour policy differ from the logits / temperature
+that every log-prob here is computed from.
 
 The value head is a linear layer on the policy's last hidden state: one trunk instead of
 a second 135M model keeps peak memory low (policy + reference + optimizer state). With
 `lora_r > 0` only LoRA adapters train, and the reference is the same model with its
-adapters disabled: no second copy at all. `accelerate` places the models, so the same
-code runs under `accelerate launch` on GPUs.
+adapters disabled: no second copy at all, unless another reference is given (the loop
+anchors every round at the base policy, not at the round's starting point). `accelerate`
+places the models, so the same code runs under `accelerate launch` on GPUs. `bf16`
+computes in bfloat16 under autocast with float32 weights and optimizer state, the rollout,
+the reference and the update alike; bfloat16 weights are refused (AdamW steps of a 1e-5
+learning rate round away in bfloat16's 8-bit mantissa).
 """
 
 from __future__ import annotations
@@ -44,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from training.generation import render_prompt
 
@@ -97,19 +111,43 @@ class PPOConfig:
     kl_loss_coef: float = field(
         default=0.2,
         metadata={
-            "help": "Weight of a KL-to-reference term (the k3 estimator, per token) in the "
-            "policy loss, as GRPO's beta: it pulls every token back directly, where the "
-            "reward penalty acts only through the advantages. 0: the reward penalty alone."
+            "help": "Weight of a per-token KL-to-reference term in the policy loss, as GRPO's "
+            "beta: it pulls every token back directly, where the reward penalty acts only "
+            "through the advantages. 0: the reward penalty alone."
         },
     )
+    kl_estimator: str = field(
+        default="k3",
+        metadata={
+            "help": "Estimator in that loss term. k3 (GRPO's; its log-ratio bounded) is "
+            "unbiased for KL(pi || ref) in value, but as a loss on samples of pi its gradient "
+            "is that of KL(ref || pi), the reverse direction, which pulls hardest toward "
+            "tokens the reference likes and pi does not. k2 (half the squared log-ratio) has "
+            "the gradient of KL(pi || ref) itself."
+        },
+    )
+    max_grad_norm: float = field(
+        default=1.0,
+        metadata={"help": "Clip the gradient's total norm to this before each step; 0: off."},
+    )
     adaptive_kl: bool = field(
-        default=True, metadata={"help": "Adapt the KL coefficient to target_kl."}
+        default=False,
+        metadata={
+            "help": "Adapt the reward penalty's coefficient to target_kl (off by default: "
+            "the defaults hold the policy with the loss's KL term instead)."
+        },
     )
     target_kl: float = field(
         default=6.0, metadata={"help": "Target sequence KL of the adaptive controller."}
     )
-    kl_horizon: int = field(
-        default=10000, metadata={"help": "Horizon (in samples) of the adaptive controller."}
+    kl_horizon: int | None = field(
+        default=None,
+        metadata={
+            "help": "Horizon (in samples) of the adaptive controller; default: a tenth of "
+            "the run's samples, so that over a run the coefficient can move by up to "
+            "e^2 (7x) either way. Ziegler et al.'s 10000 suits runs of 10^5-10^6 samples; "
+            "with this project's few hundred it would move the coefficient by under 1%."
+        },
     )
     normalize_scores: bool = field(
         default=True,
@@ -123,7 +161,21 @@ class PPOConfig:
     )
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    bf16: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute in bfloat16 under autocast (rollout, reference and update alike) "
+            "with float32 weights and optimizer state."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Random seed."})
+
+    @property
+    def horizon(self) -> int:
+        """The adaptive controller's horizon: kl_horizon, or a tenth of the run's samples."""
+        if self.kl_horizon is not None:
+            return self.kl_horizon
+        return max(1, self.updates * self.batch_size // 10)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0 or not 0.0 <= self.gamma <= 1.0:
@@ -133,8 +185,21 @@ class PPOConfig:
                 f"init_kl_coef ({self.init_kl_coef}) and kl_loss_coef ({self.kl_loss_coef}) "
                 "must be at least 0"
             )
-        if self.ppo_epochs < 1 or self.mini_batch_size < 1:
-            raise ValueError("ppo_epochs and mini_batch_size must be at least 1")
+        if self.ppo_epochs < 1 or self.mini_batch_size < 1 or self.updates < 1:
+            raise ValueError("updates, ppo_epochs and mini_batch_size must be at least 1")
+        if self.temperature <= 0:
+            # every log-prob divides the logits by it; greedy decoding is not a policy to train
+            raise ValueError(f"temperature ({self.temperature}) must be above 0")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(
+                f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, not {self.kl_estimator!r}"
+            )
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm ({self.max_grad_norm}) must be at least 0 (0: off)")
+        if self.adaptive_kl and (
+            self.target_kl <= 0 or (self.kl_horizon is not None and self.kl_horizon < 1)
+        ):
+            raise ValueError("adaptive KL needs target_kl above 0 and kl_horizon at least 1")
         if self.samples_per_prompt < 1 or self.batch_size % self.samples_per_prompt:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of samples_per_prompt "
@@ -145,8 +210,16 @@ class PPOConfig:
 # -- closed-form pieces (tested against values computed by hand) ---------------------------
 
 
+KL_ESTIMATORS = ("k3", "k2")
+# exp(10) = 2.2e4: the k3 term's gradient grows like exp(-log-ratio); past this bound (a
+# token the policy now finds e^10 times less likely than the reference) it stops growing.
+K3_LOG_RATIO_BOUND = 10.0
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    """Mean over mask=1 entries; what lies under mask=0 (padding after eos, possibly -inf
+    or nan) is selected away, not multiplied by 0 (which would keep a nan)."""
+    return torch.where(mask.bool(), x, 0).sum() / mask.sum().clamp(min=1)
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
@@ -177,9 +250,37 @@ def gae(
 
 
 def kl_estimates(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-token estimators of KL(pi || pi_ref) from samples of pi (Schulman's k1, k2, k3)."""
+    """Per-token estimators of KL(pi || pi_ref) from samples of pi (Schulman's k1, k2, k3).
+
+    As values: k1 and k3 are unbiased, k2 is biased but low-variance. As losses on samples of
+    pi (their gradients): k1's is 0 in expectation, k2's is that of KL(pi || ref), and k3's is
+    that of KL(ref || pi) (tests/test_ppo.py checks both against exact KLs). k3's log-ratio
+    is bounded by K3_LOG_RATIO_BOUND, where exp(-log_ratio) would otherwise overflow.
+    """
     log_ratio = logprobs - ref_logprobs
-    return {"k1": log_ratio, "k2": 0.5 * log_ratio**2, "k3": torch.expm1(-log_ratio) + log_ratio}
+    bounded = log_ratio.clamp(-K3_LOG_RATIO_BOUND, K3_LOG_RATIO_BOUND)
+    return {"k1": log_ratio, "k2": 0.5 * log_ratio**2, "k3": torch.expm1(-bounded) + bounded}
+
+
+def explained_variance(returns: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens (as CleanRL and SB3):
+    how much of the returns' spread the values account for; a constant offset costs nothing."""
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    return (1 - var_residual / var_returns.clamp(min=1e-8)).item()
+
+
+@torch.no_grad()
+def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor, temperature: float) -> float:
+    """Mean entropy of softmax(logits / T) over the masked positions, one row at a time: a
+    (batch, response, vocabulary) softmax beside the logits would double the update's peak."""
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for row, row_mask in zip(logits, mask, strict=True):
+        z = row.float() / temperature
+        entropy = torch.logsumexp(z, dim=-1) - (F.softmax(z, dim=-1) * z).sum(-1)
+        total += torch.where(row_mask.bool(), entropy, 0).sum()
+    return (total / mask.sum().clamp(min=1)).item()
 
 
 def clipped_policy_loss(
@@ -312,15 +413,80 @@ class Rollout:
     texts: list[str]
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off for good: eval mode (which also covers attention dropout given as a float,
+    as Llama's), and every nn.Dropout at p=0 should anything switch train mode back on."""
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def _hf_model(policy: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (the one whose generation_config counts)."""
+    return policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+
+
+@contextlib.contextmanager
+def plain_generation_config(policy: nn.Module):
+    """Generate with no processor the model's own generation_config asks for.
+
+    `generate` fills every setting it is not given from `model.generation_config` (a
+    repetition penalty, no-repeat n-grams, min_p, top_k, suppressed tokens...): passing
+    neutral values one by one would miss any setting a later version adds, so the model's
+    configuration is swapped for a blank one during the rollout and put back after (it is
+    saved with the trained policy).
+    """
+    from transformers import GenerationConfig
+
+    model = _hf_model(policy)
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def needs_bos(tokenizer) -> bool:
+    """Whether prompts need the tokenizer's BOS prepended: rendered prompts are tokenized
+    without special tokens (a chat template writes its own), so a model without a template
+    whose tokenizer normally adds a BOS (Llama, Gemma base models) would never see one."""
+    if tokenizer.chat_template or tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _check_float32(model: nn.Module, what: str) -> None:
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes - {torch.float32}:
+        raise ValueError(
+            f"the {what} has {', '.join(sorted(str(d) for d in dtypes))} weights: PPO trains "
+            "float32 weights (AdamW steps of a 1e-5 learning rate round away in bfloat16); "
+            "load it in float32 and set bf16=True to compute in bfloat16"
+        )
+
+
 class PPOTrainer:
     def __init__(
-        self, policy: nn.Module, tokenizer, reward_fn: RewardFn, config: PPOConfig
+        self,
+        policy: nn.Module,
+        tokenizer,
+        reward_fn: RewardFn,
+        config: PPOConfig,
+        reference: nn.Module | None = None,
     ) -> None:
+        """`reference`: the model the KL terms hold the policy to; by default the policy as
+        it starts (a frozen copy, or with LoRA the policy with its adapters disabled)."""
         from accelerate import Accelerator
 
         torch.manual_seed(config.seed)
         self.config, self.tokenizer, self.reward_fn = config, tokenizer, reward_fn
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        _check_float32(policy, "policy")
+        if reference is not None:
+            _check_float32(reference, "reference")
         if config.lora_r > 0:
             from peft import LoraConfig, get_peft_model
 
@@ -333,16 +499,25 @@ class PPOTrainer:
                     task_type="CAUSAL_LM",
                 ),
             )
-            self.reference = None  # the same model with its adapters disabled
-        else:
-            self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        if reference is None and config.lora_r == 0:
+            reference = copy.deepcopy(policy)
+        # None: the policy with its adapters disabled (LoRA, no other reference given).
+        self.reference = reference
+        if self.reference is not None:
+            disable_dropout(self.reference)
+            self.reference.requires_grad_(False)
         self.model = PolicyWithValueHead(policy)
+        disable_dropout(self.model)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5)
+        # No weight decay: it would pull the shared trunk (and the value head) toward zero
+        # on every step, a regularizer nobody asked for (CleanRL uses Adam, TRL's PPO had 0).
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=config.learning_rate, eps=1e-5, weight_decay=0.0
+        )
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         if self.reference is not None:
             self.reference = self.reference.to(self.accelerator.device)
-        self.kl = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
+        self.kl = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.horizon)
         self.score_moments = RunningMoments()
         self.history: list[dict[str, float]] = []
 
@@ -350,30 +525,67 @@ class PPOTrainer:
     def unwrapped(self) -> PolicyWithValueHead:
         return self.accelerator.unwrap_model(self.model)
 
+    def _autocast(self):
+        """bfloat16 compute where bf16 is set, the same for every pass (rollout, reference,
+        update), so the ratio compares like with like."""
+        return torch.autocast(
+            self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.config.bf16
+        )
+
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        # float32 whatever the compute dtype: differences of log-probs are what PPO uses
         return torch.gather(
-            F.log_softmax(logits / self.config.temperature, dim=-1), 2, tokens.unsqueeze(-1)
+            F.log_softmax(logits.float() / self.config.temperature, dim=-1),
+            2,
+            tokens.unsqueeze(-1),
         ).squeeze(-1)
+
+    def _reference_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int
+    ) -> torch.Tensor:
+        policy = self.unwrapped.policy
+        if self.reference is None:  # LoRA: the same model with its adapters disabled
+            reference, context = policy, policy.disable_adapter()
+        else:
+            reference, context = self.reference, contextlib.nullcontext()
+        with context:
+            return reference(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask),
+                use_cache=False,
+                logits_to_keep=response_length + 1,
+            ).logits[:, :-1]
+
+    def _tokenize_prompts(self, prompts: Sequence[str]):
+        c, tok = self.config, self.tokenizer
+        rendered = [render_prompt(tok, p) for p in prompts]
+        if needs_bos(tok):
+            rendered = [r if r.startswith(tok.bos_token) else tok.bos_token + r for r in rendered]
+        # Left padding and left truncation (the end of a prompt is what the answer follows),
+        # set for this call only: the tokenizer is shared, and saved with the policy.
+        saved = tok.padding_side, tok.truncation_side
+        tok.padding_side, tok.truncation_side = "left", "left"
+        try:
+            return tok(
+                rendered,
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=c.max_prompt_length,
+                add_special_tokens=False,
+            ).to(self.accelerator.device)
+        finally:
+            tok.padding_side, tok.truncation_side = saved
 
     @torch.no_grad()
     def rollout(self, prompts: Sequence[str]) -> Rollout:
         c, tok = self.config, self.tokenizer
-        tok.padding_side, tok.truncation_side = "left", "left"
-        rendered = [render_prompt(tok, p) for p in prompts]
-        queries = tok(
-            rendered,
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=c.max_prompt_length,
-            add_special_tokens=False,
-        ).to(self.accelerator.device)
+        queries = self._tokenize_prompts(prompts)
         policy = self.unwrapped.policy
-        policy.eval()
-        # The sampled tokens' log-probs and values come from the generation pass itself (its
-        # raw logits and last hidden states): a second forward pass would recompute them.
-        output = policy.generate(
-            **queries,
+        # An explicit configuration, and the model's own set aside: the behaviour policy must
+        # be softmax(logits / T), the one every log-prob below is computed from.
+        sampling = GenerationConfig(
             do_sample=True,
             temperature=c.temperature,
             top_k=0,
@@ -385,6 +597,8 @@ class PPOTrainer:
             output_logits=True,
             output_hidden_states=True,
         )
+        with plain_generation_config(policy), self._autocast():
+            output = policy.generate(**queries, generation_config=sampling)
         q_len = queries["input_ids"].shape[1]
         responses = output.sequences[:, q_len:]
         # Keep tokens up to and including the first eos; what follows is padding.
@@ -400,26 +614,30 @@ class PPOTrainer:
         attention_mask = torch.cat([queries["attention_mask"], response_mask], dim=1)
         response_ids = torch.where(response_mask.bool(), responses, tok.pad_token_id)
         input_ids = torch.cat([queries["input_ids"], response_ids], dim=1)
+        r_len = response_ids.shape[1]
 
-        logprobs = self._logprobs(torch.stack(output.logits, dim=1), response_ids)
-        # hidden_states holds, per generation step, every layer's output; the first step's
-        # covers the whole prompt, and its last position predicts the first response token.
-        steps = output.hidden_states
-        last_hidden = torch.cat([steps[0][-1][:, -1:]] + [step[-1] for step in steps[1:]], dim=1)
-        values = self.unwrapped.value_head(last_hidden).squeeze(-1)
-        # With LoRA the reference is the policy with its adapters disabled.
-        no_adapters = (
-            policy.disable_adapter() if self.reference is None else contextlib.nullcontext()
-        )
-        with no_adapters:
-            ref_logits = (self.reference or policy)(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids(attention_mask),
-                use_cache=False,
-                logits_to_keep=response_ids.shape[1] + 1,
-            ).logits
-        ref_logprobs = self._logprobs(ref_logits[:, :-1], response_ids)
+        if c.bf16:
+            # In bfloat16 the cached generation pass and a full forward pass round
+            # differently; the update runs the latter, so the old log-probs and values do too.
+            with self._autocast():
+                logits, values = self.model(input_ids, attention_mask, r_len)
+            logprobs = self._logprobs(logits, response_ids)
+        else:
+            # The sampled tokens' log-probs and values come from the generation pass itself
+            # (its raw logits and last hidden states): a second forward pass would recompute
+            # them (tests/test_ppo.py checks that they agree).
+            logprobs = self._logprobs(torch.stack(output.logits, dim=1), response_ids)
+            # hidden_states holds, per generation step, every layer's output; the first
+            # step's covers the whole prompt, its last position predicts the first token.
+            steps = output.hidden_states
+            last_hidden = torch.cat(
+                [steps[0][-1][:, -1:]] + [step[-1] for step in steps[1:]], dim=1
+            )
+            values = self.unwrapped.value_head(last_hidden).squeeze(-1)
+        values = values.float()
+        with self._autocast():
+            ref_logits = self._reference_logits(input_ids, attention_mask, r_len)
+        ref_logprobs = self._logprobs(ref_logits, response_ids)
 
         texts = tok.batch_decode(response_ids, skip_special_tokens=True)
         scores = torch.tensor(
@@ -435,15 +653,19 @@ class PPOTrainer:
             final = leave_one_out_baseline(final, c.samples_per_prompt)
         final = final - c.missing_eos_penalty * (~ended).float()
         mask = response_mask.float()
+        # Past eos every per-token tensor is 0 (selected, not multiplied: 0 * -inf is nan).
+        logprobs = torch.where(response_mask.bool(), logprobs, 0)
+        ref_logprobs = torch.where(response_mask.bool(), ref_logprobs, 0)
+        values = torch.where(response_mask.bool(), values, 0)
         rewards = -self.kl.value * kl_estimates(logprobs, ref_logprobs)["k1"] * mask
         rewards[torch.arange(len(prompts)), first_eos] += final
         return Rollout(
             input_ids,
             attention_mask,
             mask,
-            logprobs * mask,
-            ref_logprobs * mask,
-            values * mask,
+            logprobs,
+            ref_logprobs,
+            values,
             rewards,
             scores,
             final,
@@ -465,17 +687,23 @@ class PPOTrainer:
         returns = advantages + r.values
         advantages = masked_whiten(advantages, mask)
 
-        # Minibatch updates.
-        self.model.train()
+        # Minibatch updates, in eval mode (no dropout: see the module's docstring).
         # Per-minibatch values under their metric names; each metric is their mean.
         stats: dict[str, list[float]] = defaultdict(list)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         for _ in range(c.ppo_epochs):
             for idx in torch.randperm(len(prompts)).split(c.mini_batch_size):
-                logits, new_values = self.model(
-                    r.input_ids[idx], r.attention_mask[idx], mask.shape[1]
-                )
-                new_logprobs = self._logprobs(logits, r.input_ids[idx, q_len:])
                 m = mask[idx]
+                with self._autocast():
+                    logits, new_values = self.model(
+                        r.input_ids[idx], r.attention_mask[idx], mask.shape[1]
+                    )
+                new_values = new_values.float()
+                # Past eos: the rollout's values, so that nothing there (a -inf log-prob of
+                # a padding token, say) reaches a loss or its gradient.
+                new_logprobs = torch.where(
+                    m.bool(), self._logprobs(logits, r.input_ids[idx, q_len:]), r.logprobs[idx]
+                )
                 pg_loss, clipfrac = clipped_policy_loss(
                     new_logprobs, r.logprobs[idx], advantages[idx], m, c.cliprange
                 )
@@ -484,36 +712,35 @@ class PPOTrainer:
                 )
                 loss = pg_loss + c.vf_coef * vf_loss
                 if c.kl_loss_coef:
-                    # Masked first: past eos the log-probs are not comparable.
                     kl_loss = masked_mean(
-                        kl_estimates(new_logprobs * m, r.ref_logprobs[idx])["k3"], m
+                        kl_estimates(new_logprobs, r.ref_logprobs[idx])[c.kl_estimator], m
                     )
                     loss = loss + c.kl_loss_coef * kl_loss
                     stats["loss/kl"].append(kl_loss.item())
                 self.optimizer.zero_grad()
                 self.accelerator.backward(loss)
+                if c.max_grad_norm > 0:
+                    norm = self.accelerator.clip_grad_norm_(trainable, c.max_grad_norm)
+                    stats["policy/grad_norm"].append(float(norm))
                 self.optimizer.step()
                 with torch.no_grad():
-                    probs = F.softmax(logits / c.temperature, dim=-1)
-                    entropy = masked_mean(-(probs * torch.log(probs.clamp(min=1e-12))).sum(-1), m)
                     stats["loss/policy"].append(pg_loss.item())
                     stats["loss/value"].append(vf_loss.item())
                     stats["policy/clipfrac"].append(clipfrac.item())
                     stats["policy/approx_kl"].append(
                         masked_mean(kl_estimates(new_logprobs, r.logprobs[idx])["k2"], m).item()
                     )
-                    stats["policy/entropy"].append(entropy.item())
+                    stats["policy/entropy"].append(entropy_from_logits(logits, m, c.temperature))
+                del logits
 
         kl = (kl_estimates(r.logprobs, r.ref_logprobs)["k1"] * mask).sum(1).mean().item()
-        variance = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
-        explained = 1 - masked_mean((returns - r.values) ** 2, mask) / variance.clamp(min=1e-8)
         metrics = {
             "objective/score": r.scores.mean().item(),
             "objective/kl": kl,
             "objective/kl_coef": self.kl.value,
             "objective/non_score_reward": (r.rewards.sum(1) - r.final_scores).mean().item(),
             **{name: sum(values) / len(values) for name, values in stats.items()},
-            "val/explained_variance": explained.item(),
+            "val/explained_variance": explained_variance(returns, r.values, mask),
             "val/response_length": mask.sum(1).mean().item(),
             "time/seconds": time.perf_counter() - started,
         }
@@ -544,9 +771,11 @@ class PPOTrainer:
         return self.history
 
     def policy_for_saving(self) -> nn.Module:
+        """The policy as a plain transformers model; with LoRA, the adapters merged into a
+        copy (merging in place would leave the trainer without adapters to train)."""
         policy = self.unwrapped.policy
         if self.config.lora_r > 0:
-            policy = policy.merge_and_unload()  # a plain HF folder, no adapter files
+            policy = copy.deepcopy(policy).merge_and_unload()  # a plain HF folder
         return policy
 
 
@@ -595,3 +824,33 @@ def save_policy_version(
             },
             promote=promote,
         )
+
+
+def train_policy_version(
+    registry,
+    start: str,
+    prompts: Sequence[str],
+    reward_fn: RewardFn,
+    config: PPOConfig,
+    metadata: dict[str, Any],
+    reference: str | None = None,
+    promote: bool = True,
+):
+    """The one PPO run of `ls-rlhf train ppo` and the loop's policy step: load the policy at
+    `start` (and the `reference` to hold it to, when that is another model), train, commit a
+    version. Returns (version, history)."""
+    from training.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm(start)
+    anchor = None
+    if reference is not None and reference != start:
+        anchor, _ = load_causal_lm(reference)
+    trainer = PPOTrainer(model, tokenizer, reward_fn, config, reference=anchor)
+    history = trainer.train(prompts)
+    version = save_policy_version(
+        trainer,
+        registry,
+        {**metadata, "started_from": start, "reference": reference or start},
+        promote=promote,
+    )
+    return version, history
