@@ -48,7 +48,7 @@ def create_app(
     holder = holder or ModelHolder(settings)
     events = EventLog(settings.state_dir / "events.sqlite3")
     backend = RLHFBackend(settings, holder, events)
-    backend.trainer = Trainer(
+    trainer = backend.trainer = Trainer(
         events,
         JobStore(settings.state_dir / "jobs.sqlite3"),
         settings.train_every,
@@ -56,12 +56,13 @@ def create_app(
             settings, job, progress, access=backend.label_studio_access.get(job.project_id)
         ),
         redis_url=settings.redis_url,
+        access=backend.label_studio_access.get,
     )
     if load_models and not holder.ready:
         holder.start_loading()
         holder.start_watching()
     if load_models if start_worker is None else start_worker:
-        backend.trainer.start()
+        trainer.start()
 
     app = Flask("ls_rlhf")
     app.config["SETTINGS"] = settings
@@ -183,11 +184,11 @@ def create_app(
     @app.get("/jobs")
     def jobs():
         project = request.args.get("project", type=int)
-        return jsonify(jobs=[job.as_dict() for job in backend.trainer.store.jobs(project)])
+        return jsonify(jobs=[job.as_dict() for job in trainer.store.jobs(project)])
 
     @app.get("/jobs/<int:job_id>")
     def job(job_id: int):
-        found = backend.trainer.store.get(job_id)
+        found = trainer.store.get(job_id)
         if found is None:
             raise BadRequest(f"no job {job_id}; GET /jobs lists them", status=404)
         return jsonify(found.as_dict())
@@ -207,7 +208,7 @@ def create_app(
         for name, value in backend.stats.items():
             kind = "counter"
             lines += [f"# TYPE ls_rlhf_{name}_total {kind}", f"ls_rlhf_{name}_total {value}"]
-        lines.append(f"ls_rlhf_events_recorded_total {backend.events.last_id()}")
+        lines.append(f"ls_rlhf_events_recorded_total {events.last_id()}")
         running = sum(1 for job in backend.deliveries.values() if job.state == "running")
         lines.append(f"ls_rlhf_prediction_deliveries_running {running}")
         if holder.ready:

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ml_backend.events import EventLog, project_id_of
 from ml_backend.results import Answer, build_prediction, task_answers, task_prompt
@@ -27,6 +27,9 @@ from ml_backend.serving import ModelHolder, Served, model_version_of
 from training.generation import generate_completions
 from training.label_config import Schema, read_schema
 from training.settings import Settings
+
+if TYPE_CHECKING:
+    from ml_backend.jobs import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ class RLHFBackend:
         self.holder = holder
         self.events = events
         self.deliveries: dict[str, DeliveryJob] = {}
-        self.trainer = None  # ml_backend.jobs.Trainer, set by the app
+        self.trainer: Trainer | None = None  # set by the app
         # What Label Studio told /setup per project: where it is and a token to call it back.
         self.label_studio_access: dict[int, tuple[str, str]] = {}
         self.stats = {

@@ -126,6 +126,7 @@ class EventLog:
                 "INSERT INTO events (received_at, action, project_id, task_id, annotation_ids) VALUES (?, ?, ?, ?, ?)",
                 (now, action, project_id, task_id, json.dumps(list(annotation_ids))),
             )
+        assert cursor.lastrowid is not None  # set by every INSERT
         return Event(cursor.lastrowid, now, action, project_id, task_id, annotation_ids)
 
     def events(

@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,7 @@ class JobStore:
             )
             .fetchall()
         )
-        return [Job(*r[:10], json.loads(r[10]), r[11]) for r in rows]
+        return [_job(r) for r in rows]
 
     def get(self, job_id: int) -> Job | None:
         found = self._rows("WHERE id = ?", (job_id,))
@@ -140,6 +140,7 @@ class JobStore:
                 "INSERT INTO jobs (project_id, state, reason, covers_event_id, created_at) VALUES (?, 'queued', ?, ?, ?)",
                 (project_id, reason, covers_event_id, time.time()),
             )
+        assert cursor.lastrowid is not None  # set by every INSERT
         log.info("training job %d queued for project %d (%s)", cursor.lastrowid, project_id, reason)
         return self.get(cursor.lastrowid)
 
@@ -167,7 +168,8 @@ class JobStore:
     def update(
         self, job_id: int, progress: float | None = None, message: str | None = None
     ) -> None:
-        sets, args = [], []
+        sets: list[str] = []
+        args: list[float | str] = []
         if progress is not None:
             sets.append("progress = ?")
             args.append(round(progress, 4))
@@ -209,9 +211,10 @@ class Trainer:
         train_every: int,
         run_job: Callable[[Job, Callable[[float, str], None]], dict[str, Any]],
         redis_url: str = "",
+        access: Callable[[int], tuple[str, str] | None] = lambda project_id: None,
     ) -> None:
         self.events, self.store, self.train_every = events, store, train_every
-        self.run_job, self.redis_url = run_job, redis_url
+        self.run_job, self.redis_url, self.access = run_job, redis_url, access
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.worker_id = f"{os.getpid()}@{os.uname().nodename}"
@@ -239,8 +242,14 @@ class Trainer:
         from redis import Redis
         from rq import Queue
 
+        # The Label Studio access /setup gave travels with the job, as run_job gets it in
+        # process; RQ logs the description, which names the job and not its arguments.
         Queue(QUEUE_NAME, connection=Redis.from_url(self.redis_url)).enqueue(
-            "ml_backend.training_job.run_queued_job", job.id, job_timeout=6 * 3600
+            "ml_backend.training_job.run_queued_job",
+            job.id,
+            self.access(job.project_id),
+            job_timeout=6 * 3600,
+            description=f"training job {job.id} (project {job.project_id})",
         )
 
     def start(self) -> None:
@@ -286,6 +295,12 @@ def execute_job(store: JobStore, job: Job, run_job: Callable[..., dict[str, Any]
         return
     store.finish(job.id, "done", str(metrics.pop("message", "done")), metrics)
     log.info("training job %d done: %s", job.id, metrics)
+
+
+def _job(row: tuple[Any, ...]) -> Job:
+    """A Job from a row of `JobStore._rows`' columns, in the order of Job's fields."""
+    values = dict(zip((f.name for f in fields(Job)), row, strict=True))
+    return Job(**{**values, "metrics": json.loads(values["metrics"])})
 
 
 class _transaction:

@@ -26,6 +26,7 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Iterable
 from itertools import combinations
+from typing import Any
 
 from datasets import Dataset, DatasetDict
 
@@ -80,7 +81,7 @@ def preference_dataset(records: Iterable[Record]) -> Dataset:
     for prompt, winner, loser, margin in preference_votes(records):
         a, b = sorted((winner, loser))
         pooled[(prompt, a, b)].append((winner, margin))
-    rows = {c: [] for c in PREFERENCE_COLUMNS}
+    rows: dict[str, list[Any]] = {c: [] for c in PREFERENCE_COLUMNS}
     for (prompt, a, b), votes in pooled.items():
         for_a = [m for w, m in votes if w == a]
         for_b = [m for w, m in votes if w == b]

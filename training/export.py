@@ -25,6 +25,7 @@ def pull_export(
 ) -> tuple[list[dict], str]:
     """(tasks as in Label Studio's JSON export, the project's label config)."""
     from label_studio_sdk import LabelStudio
+    from label_studio_sdk.types import SerializationOptionRequest, SerializationOptionsRequest
 
     if not api_key:
         raise ExportError(
@@ -36,18 +37,21 @@ def pull_export(
         snapshot = ls.projects.exports.create(
             project_id,
             title=f"ls-rlhf {time.strftime('%Y-%m-%d %H:%M:%S')}",
-            serialization_options={"predictions": {"only_id": False}},
+            serialization_options=SerializationOptionsRequest(
+                predictions=SerializationOptionRequest(only_id=False)
+            ),
         )
+        export_id, status = snapshot.id, snapshot.status
+        if export_id is None:
+            raise ExportError(f"Label Studio started no export of project {project_id}")
         deadline = time.monotonic() + timeout
-        while snapshot.status not in ("completed", "failed") and time.monotonic() < deadline:
+        while status not in ("completed", "failed") and time.monotonic() < deadline:
             time.sleep(0.2)
-            snapshot = ls.projects.exports.get(project_id, export_pk=snapshot.id)
-        if snapshot.status != "completed":
-            raise ExportError(
-                f"Label Studio's export of project {project_id} ended as {snapshot.status!r}"
-            )
+            status = ls.projects.exports.get(project_id, export_pk=export_id).status
+        if status != "completed":
+            raise ExportError(f"Label Studio's export of project {project_id} ended as {status!r}")
         raw = b"".join(
-            ls.projects.exports.download(project_id, export_pk=snapshot.id, export_type="JSON")
+            ls.projects.exports.download(project_id, export_pk=export_id, export_type="JSON")
         )
     except ExportError:
         raise
@@ -56,6 +60,8 @@ def pull_export(
     tasks = json.loads(raw)
     if not isinstance(tasks, list):
         raise ExportError(f"Label Studio's export of project {project_id} is not a list of tasks")
+    if not project.label_config:
+        raise ExportError(f"project {project_id} has no labeling config")
     return tasks, project.label_config
 
 

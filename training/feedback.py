@@ -216,10 +216,9 @@ def parse_annotation(
     if schema.kind == "critique":
         answer = answer_text.get(schema.answer_tags[0])
         refinement = texts.get(schema.refinement) if schema.refinement else None
-        if texts.get(schema.critique):
-            records.append(
-                Critique(prompt, answer, texts[schema.critique], refinement or None, source)
-            )
+        feedback = texts.get(schema.critique) if schema.critique else None
+        if feedback:
+            records.append(Critique(prompt, answer, feedback, refinement or None, source))
         if refinement:  # a rewrite is also a demonstration, with the model's answer as original
             records.append(Demonstration(prompt, refinement, answer, source))
     elif schema.critique and texts.get(schema.critique):

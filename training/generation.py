@@ -9,17 +9,20 @@ tokenizer's chat template when it has one. Results come back in prompt order.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     """The text the policy sees for a user prompt: its chat template, if it has one."""
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(
+        text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
+        assert isinstance(text, str)  # tokenize=False gives the text
+        return text
     return prompt
 
 
@@ -52,7 +55,8 @@ def generate_completions(
         inputs = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(
             model.device
         )
-        output = model.generate(
+        # A causal LM: PreTrainedModel with GenerationMixin (PreTrainedModel alone has no generate).
+        output = cast(GenerationMixin, model).generate(
             **inputs,
             max_new_tokens=max_new_tokens,
             do_sample=sampling,

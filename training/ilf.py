@@ -19,6 +19,7 @@ For each critique (prompt, answer, written feedback):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -36,7 +37,7 @@ class Embedder:
     """Mean-pooled, normalized encoder embeddings."""
 
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer (callable on a batch of texts)
 
     @classmethod
     def load(cls, name_or_path: str) -> Embedder:

@@ -81,7 +81,7 @@ def read_schema(config_xml: str) -> Schema:
     except ET.ParseError as err:
         raise LabelConfigError(f"the label config is not valid XML: {err}") from None
     tags = list(root.iter())
-    by_name = {el.get("name"): el for el in tags if el.get("name")}
+    by_name = {name: el for el in tags if (name := el.get("name"))}
     texts = {n: el for n, el in by_name.items() if el.tag == "Text"}
     lists = {n: el for n, el in by_name.items() if el.tag == "List"}
 
@@ -147,9 +147,9 @@ def read_schema(config_xml: str) -> Schema:
                 answer_tags.append(target)
             found.append(
                 RatingControl(
-                    el.get("name"),
+                    el.attrib["name"],  # of() keeps only named tags
                     target,
-                    _criterion(el.get("name"), target),
+                    _criterion(el.attrib["name"], target),
                     float(el.get("maxRating") or 5),
                 )
             )

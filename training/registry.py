@@ -112,7 +112,7 @@ class Registry:
         }
         while True:
             number = 1 + max(
-                (int(_NAME.match(v.name).group(1)) for v in self.versions(kind)), default=0
+                (int(v.name.removeprefix("v")) for v in self.versions(kind)), default=0
             )
             name = f"v{number}"
             metadata["version"] = name

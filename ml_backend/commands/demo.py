@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     prompts_path = (
         Path(args.prompts)
         if args.prompts
-        else resources.files("training") / "data" / "demo_prompts.txt"
+        else Path(str(resources.files("training") / "data" / "demo_prompts.txt"))
     )
     prompts = read_prompts(prompts_path)[: args.num_prompts]
     xml = label_configs.load(args.config)
@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         backend.launch()
         ls = LabelStudio(base_url=studio.url, api_key=studio.token)
         project = ls.projects.create(title=f"ls-rlhf demo ({args.config})", label_config=xml)
+        if project.id is None:
+            raise UserError(f"Label Studio at {studio.url} created a project without an id")
         print(
             f"waiting for the backend at {backend_url} to load the models (first run converts SmolLM2: ~30 s) ...",
             flush=True,

@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     if args.datasets:
         folder = Path(args.datasets)
         folder.mkdir(parents=True, exist_ok=True)
-        summary = {"source": source, "records": parsed.summary(), "datasets": {}}
+        datasets: dict[str, int] = {}
+        summary = {"source": source, "records": parsed.summary(), "datasets": datasets}
         for name, build in (
             ("preference", preference_dataset),
             ("sft", sft_dataset),
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             dataset = build(parsed.records)
             if len(dataset):
                 dataset.save_to_disk(str(folder / name))
-                summary["datasets"][name] = len(dataset)
+                datasets[name] = len(dataset)
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
         print(
             f"datasets saved in {folder}: {summary['datasets'] or 'none (no usable feedback yet)'}"

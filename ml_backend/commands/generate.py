@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 from tqdm import tqdm
 
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     served = holder.get()
     log.info("generating with %s for %d prompts", served.model_version, len(prompts))
     with tqdm(total=len(prompts), desc="generate", unit="prompt") as bar:
-        tasks = [
+        tasks: list[dict[str, Any]] = [
             {"data": data}
             for data in make_tasks(
                 prompts, schema, served, settings, on_progress=lambda n: bar.update(n - bar.n)
