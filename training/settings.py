@@ -138,7 +138,7 @@ class Settings:
     )
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read `LS_RLHF_*` variables, then apply keyword overrides (e.g. from CLI flags)."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
