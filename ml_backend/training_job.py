@@ -108,7 +108,7 @@ def policy_step(
     settings: Settings, registry: Registry, prompts: list[str], pairs, job: Job
 ) -> dict[str, Any]:
     """Train the policy after a promoted reward version: PPO against it, or DPO on the pairs."""
-    from training.models import load_causal_lm, resolve_policy
+    from training.models import resolve_policy
 
     current = registry.current("policy")
     start = (
@@ -116,7 +116,7 @@ def policy_step(
         if current
         else resolve_policy(settings.policy_model, settings.models_cache_dir)
     )
-    metadata = {"parent": current.name if current else None, "started_from": start, "job": job.id}
+    metadata: dict[str, Any] = {"parent": current.name if current else None, "job": job.id}
     if settings.loop_policy == "dpo":
         from training.preference import DPOSettings, train_dpo
 
@@ -125,34 +125,33 @@ def policy_step(
             registry,
             start,
             DPOSettings(max_steps=settings.loop_policy_updates),
-            metadata=metadata,
+            metadata={**metadata, "started_from": start},
         )
         return {
             "policy_version": version.label,
             "policy_train_loss": version.metadata["metrics"]["train_loss"],
         }
-    from training.ppo import PPOConfig, PPOTrainer, save_policy_version
+    from training.ppo import PPOConfig, train_policy_version
     from training.reward import RewardModel
 
     reward_version = registry.current("reward")
-    model, tokenizer = load_causal_lm(start)
-    config = PPOConfig(
-        updates=settings.loop_policy_updates,
-        batch_size=4,
-        mini_batch_size=2,
-        max_new_tokens=settings.max_new_tokens,
-        seed=settings.seed,
-    )
-    trainer = PPOTrainer(model, tokenizer, RewardModel.load(reward_version.path).score, config)
-    history = trainer.train(prompts)
-    version = save_policy_version(
-        trainer, registry, {**metadata, "reward_version": reward_version.label}
+    # As `ls-rlhf train ppo` runs it (PPOConfig's defaults, the loop's number of updates),
+    # through the same function; the KL anchor is the base policy in every round, not the
+    # round's starting point, so that rounds in a row cannot drift from it without bound.
+    version, history = train_policy_version(
+        registry,
+        start,
+        prompts,
+        RewardModel.load(reward_version.path).score,
+        PPOConfig(updates=settings.loop_policy_updates, seed=settings.seed),
+        {**metadata, "reward_version": reward_version.label},
+        reference=resolve_policy(settings.policy_model, settings.models_cache_dir),
     )
     return {
         "policy_version": version.label,
         "policy_score_first": history[0]["objective/score"],
         "policy_score_last": history[-1]["objective/score"],
-        "policy_kl": history[-1]["objective/kl"],
+        "policy_kl_to_base": history[-1]["objective/kl"],
     }
 
 
@@ -201,14 +200,21 @@ def next_round(
     return len(tasks)
 
 
-def run_queued_job(job_id: int) -> None:
-    """Entry point of `ls-rlhf worker` (RQ): run one job from the shared job store."""
-    settings = Settings.from_env()
-    store = JobStore(settings.state_dir / "jobs.sqlite3")
+def run_queued_job(job_id: int, access: tuple[str, str] | None = None) -> None:
+    """Entry point of `ls-rlhf worker` (RQ): run one job from the shared job store.
+
+    `access` is the Label Studio URL and token that /setup gave the backend which queued
+    the job (the in-process path passes the same to `run_training`): without an API key
+    setting, it is how the worker reaches Label Studio. RQ logs the job's description, not
+    its arguments, and the backend sets a description without them.
+    """
     import os
 
+    settings = Settings.from_env()
+    store = JobStore(settings.state_dir / "jobs.sqlite3")
     job = store.claim(f"{os.getpid()}@{os.uname().nodename}", job_id=job_id)
     if job is None:
         log.info("job %d is not runnable now (done, or its project has a run going)", job_id)
         return
-    execute_job(store, job, lambda j, progress: run_training(settings, j, progress))
+    given = (access[0], access[1]) if access else None  # a list, if it went through JSON
+    execute_job(store, job, lambda j, progress: run_training(settings, j, progress, given))

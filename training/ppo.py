@@ -13,7 +13,8 @@ PPO" (Huang et al., 2023). One update is:
    updates; a response that never ends (no eos) gets `missing_eos_penalty` subtracted;
 2. per-token rewards: -kl_coef * (log pi(a|s) - log pi_ref(a|s)) at every token (the KL
    penalty to the frozen reference), plus the score at the last token; the sampled tokens'
-   log-probs and values come from the generation pass, so only the reference runs again;
+   log-probs and values come from the generation pass, so only the reference runs again
+   (in bf16 a forward pass recomputes them, the update's own computation);
 3. bootstrap values / GAE: advantages with gamma and lambda over the response tokens,
    returns = advantages + values, advantages whitened;
 4. PPO epochs over minibatches: clipped policy loss, clipped value loss, optionally a

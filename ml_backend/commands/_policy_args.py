@@ -1,4 +1,5 @@
-"""Arguments shared by the policy trainers that learn from annotations (DPO, SFT)."""
+"""Arguments shared by the policy trainers: where to start (all), and the TRL trainers'
+overrides (DPO, SFT)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from training.registry import Registry
 from training.settings import Settings
 
 
-def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+def add_from_current(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--from-current",
         action="store_true",
         help="start from the current policy version, not the base",
     )
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    add_from_current(parser)
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--epochs", type=float)
     parser.add_argument("--max-steps", type=int)

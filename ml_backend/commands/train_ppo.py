@@ -6,6 +6,7 @@ import argparse
 from dataclasses import fields
 
 from ml_backend.cli import UserError
+from ml_backend.commands._policy_args import add_from_current, start_point
 from training.settings import Settings
 
 
@@ -14,8 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ppo",
         help="PPO on the policy against a reward version; a new policy version",
         description="Fine-tune the policy with PPO (training/ppo.py): responses to the prompts are scored "
-        "by a reward version on their decoded text, with a per-token KL penalty to the frozen starting "
-        "policy. Logs reward, KL, entropy, clip fraction, value loss and explained variance every update, "
+        "by a reward version on their decoded text, with a per-token KL penalty to a frozen reference "
+        "(the base policy, also when starting from the current version, so that runs in a row do not "
+        "drift from it without bound; --reference names another). Logs reward, KL, entropy, clip fraction, value loss and explained variance every update, "
         "plots them, and writes a new policy version into the registry.",
     )
     source = parser.add_argument_group("prompts (one of)")
@@ -33,10 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--reward-version", help="reward version to optimize, e.g. v3 (default: the current one)"
     )
+    add_from_current(parser)
     parser.add_argument(
-        "--from-current",
-        action="store_true",
-        help="start from the current policy version, not the base",
+        "--reference",
+        help="model (folder or hub id) the KL terms hold the policy to (default: the base policy)",
     )
     # Each of these sets the PPOConfig field of its dest; left out, the field's default holds
     # (listed in training/ppo.py, not repeated here).
@@ -71,7 +73,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "it holds the policy closer than the reward penalty alone; 0 turns it off",
     )
     ppo.add_argument("--target-kl", type=float, help="target KL of the adaptive controller")
+    ppo.add_argument(
+        "--kl-estimator",
+        choices=["k3", "k2"],
+        help="estimator in the loss's KL term: k3 (GRPO's; its gradient is that of KL(ref || "
+        "policy)) or k2 (the gradient of KL(policy || ref))",
+    )
+    ppo.add_argument("--max-grad-norm", type=float, help="gradient norm clip; 0 turns it off")
     ppo.add_argument("--lora-r", type=int, help="train LoRA adapters of this rank, not all weights")
+    ppo.add_argument(
+        "--bf16",
+        action="store_true",
+        default=None,
+        help="compute in bfloat16 under autocast (float32 weights and optimizer state)",
+    )
     parser.add_argument(
         "--no-promote", action="store_true", help="write the version without serving it"
     )
@@ -88,8 +103,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ml_backend.tasks import PromptFileError, read_prompts
     from training.export import prompts_from_tasks, pull_export
-    from training.models import load_causal_lm, resolve_policy
-    from training.ppo import PPOConfig, PPOTrainer, save_policy_version
+    from training.models import resolve_policy
+    from training.ppo import PPOConfig, train_policy_version
     from training.registry import Registry
     from training.reward import RewardModel
 
@@ -126,15 +141,8 @@ def run(args: argparse.Namespace) -> int:
             "no reward version to optimize: train one with `ls-rlhf train reward` first"
         )
     reward = RewardModel.load(reward_version.path)
-    current_policy = registry.current("policy")
-    if args.from_current and current_policy is None:
-        raise UserError("no policy version yet: drop --from-current to start from the base policy")
-    start = (
-        str(current_policy.path)
-        if args.from_current
-        else resolve_policy(settings.policy_model, settings.models_cache_dir)
-    )
-    model, tokenizer = load_causal_lm(start)
+    start, parent = start_point(args, settings)
+    reference = args.reference or resolve_policy(settings.policy_model, settings.models_cache_dir)
     reward_fn = reward.score
     if args.counterfactual_weight > 0:
         from training.counterfactual import load_attributes
@@ -147,23 +155,20 @@ def run(args: argparse.Namespace) -> int:
         reward_fn = counterfactual_reward_fn(
             reward.score, [attributes[a] for a in names], args.counterfactual_weight
         )
-    trainer = PPOTrainer(model, tokenizer, reward_fn, config)
-    history = trainer.train(prompts)
-    version = save_policy_version(
-        trainer,
+    version, history = train_policy_version(
         registry,
-        {
-            "reward_version": reward_version.label,
-            "parent": current_policy.name if args.from_current else None,
-            "started_from": start,
-            "prompts": len(prompts),
-        },
+        start,
+        prompts,
+        reward_fn,
+        config,
+        {"reward_version": reward_version.label, "parent": parent, "prompts": len(prompts)},
+        reference=reference,
         promote=not args.no_promote,
     )
     first, last = history[0], history[-1]
     print(
         f"{version.label}: score {first['objective/score']:.3f} -> {last['objective/score']:.3f}, "
-        f"KL {last['objective/kl']:.3f} after {len(history)} updates; "
+        f"KL to the reference {last['objective/kl']:.3f} after {len(history)} updates; "
         f"{'now served' if not args.no_promote else 'not promoted'}\ncurves: {version.path / 'training_curves.png'}"
     )
     return 0
