@@ -125,22 +125,27 @@ def test_start_training_button_and_pinning_through_extra_params(
         )
     listing = requests.get(f"{backend.url}/versions", timeout=5).json()
     assert listing["all"]["reward"] == ["reward-v1", "reward-v2"]
-    # Roll back by pinning v1 through the backend's extra params in Label Studio.
+    # Roll back by pinning v1 through the backend's extra params in Label Studio; Label
+    # Studio forwards them in its own /setup call before the next prediction batch.
     ls_client.ml.update(
         id=ml.id, project=project.id, url=backend.url, extra_params={"reward_version": "v1"}
     )
-    requests.post(
-        f"{backend.url}/setup",
-        json={"project": f"{project.id}.1", "extra_params": {"reward_version": "v1"}},
-        timeout=5,
+    task_ids = [t.id for t in ls_client.tasks.list(project=project.id)]
+    ls_client.actions.create(
+        id="retrieve_tasks_predictions",
+        project=project.id,
+        selected_items={"all": False, "included": task_ids},
     )
-    wait_for(
+    predictions = wait_for(
         lambda: (
-            requests.get(f"{backend.url}/health", timeout=5).json().get("model_version")
-            == "policy-base+reward-v1"
+            all(ls_client.predictions.list(task=t) for t in task_ids)
+            and [ls_client.predictions.list(task=t)[0] for t in task_ids]
         ),
-        timeout=30,
+        timeout=60,
     )
+    assert {p.model_version for p in predictions} == {"policy-base+reward-v1"}
+    health = requests.get(f"{backend.url}/health", timeout=5).json()
+    assert health["model_version"] == "policy-base+reward-v1"
 
 
 def test_the_loop_trains_the_policy_and_writes_the_next_round_of_tasks(
