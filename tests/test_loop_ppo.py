@@ -57,9 +57,9 @@ def test_the_loops_kl_anchor_stays_at_the_base_policy(settings, tiny_reward_back
     metrics = policy_step(settings, registry, PROMPTS, None, a_job())
     version = registry.current("policy")
     assert version.metadata["parent"] == "v1"
-    assert version.metadata["reference"] == settings.policy_model  # the base
     # KL to the base from the first rollout on (a round anchored at its own start: ~0)
     assert version.metadata["history"][0]["objective/kl"] > 1.0
+    assert version.metadata["reference"] == settings.policy_model  # the base
     assert metrics["policy_kl_to_base"] == version.metadata["history"][-1]["objective/kl"]
 
 
