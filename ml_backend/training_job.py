@@ -60,8 +60,8 @@ def run_training(
     if settings.reward_max_steps > 0:
         train_config.max_steps = settings.reward_max_steps
     if warm:
-        prompts = len(set(split["train"]["prompt"]))  # a step takes whole prompt groups
-        steps_per_epoch = math.ceil(prompts / train_config.per_device_train_batch_size)
+        groups = len(set(split["train"]["prompt"]))  # a step takes whole prompt groups
+        steps_per_epoch = math.ceil(groups / train_config.per_device_train_batch_size)
         train_config.max_steps = min(steps_per_epoch, LOOP_MAX_STEPS)
         train_config.eval_steps = 0  # judged once at the end, against the served version
     progress(0.1, "training the reward model")
@@ -135,6 +135,8 @@ def policy_step(
     from training.reward import RewardModel
 
     reward_version = registry.current("reward")
+    if reward_version is None:  # the step follows a promoted reward version
+        raise RuntimeError("no current reward version to train the policy against")
     # As `ls-rlhf train ppo` runs it (PPOConfig's defaults, the loop's number of updates),
     # through the same function; the KL anchor is the base policy in every round, not the
     # round's starting point, so that rounds in a row cannot drift from it without bound.
@@ -173,6 +175,8 @@ def next_round(
     from training.models import load_causal_lm
 
     version = registry.current("policy")
+    if version is None:  # the round follows a policy step, which made one
+        raise RuntimeError("no current policy version to write the next round with")
     schema = read_schema(config)
     chosen = [prompts[i % len(prompts)] for i in range(settings.next_round)]
     model, tokenizer = load_causal_lm(str(version.path), dtype=settings.dtype)
@@ -196,7 +200,11 @@ def next_round(
         {"data": task_data(schema, p, c, version.label)}
         for p, c in zip(chosen, completions, strict=True)
     ]
-    LabelStudio(base_url=url, api_key=key).projects.import_tasks(id=project_id, request=tasks)
+    # The SDK types the request as its own models; it sends plain task dicts as they are.
+    LabelStudio(base_url=url, api_key=key).projects.import_tasks(
+        id=project_id,
+        request=tasks,  # type: ignore[arg-type]
+    )
     return len(tasks)
 
 

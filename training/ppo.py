@@ -49,7 +49,7 @@ import copy
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -372,9 +372,9 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 class PolicyWithValueHead(nn.Module):
     """The policy and a scalar value head on its last hidden state."""
 
-    def __init__(self, policy: nn.Module) -> None:
+    def __init__(self, policy: Any) -> None:  # a transformers causal LM, maybe PEFT-wrapped
         super().__init__()
-        self.policy = policy
+        self.policy: Any = policy
         hidden = policy.config.get_text_config().hidden_size
         self.value_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value_head.weight)
@@ -423,13 +423,13 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
-def _hf_model(policy: nn.Module) -> nn.Module:
+def _hf_model(policy: Any) -> Any:
     """The transformers model under a PEFT wrapper (the one whose generation_config counts)."""
     return policy.get_base_model() if hasattr(policy, "get_base_model") else policy
 
 
 @contextlib.contextmanager
-def plain_generation_config(policy: nn.Module):
+def plain_generation_config(policy: Any) -> Iterator[None]:
     """Generate with no processor the model's own generation_config asks for.
 
     `generate` fills every setting it is not given from `model.generation_config` (a
@@ -771,7 +771,7 @@ class PPOTrainer:
                 progress((update + 1) / c.updates)
         return self.history
 
-    def policy_for_saving(self) -> nn.Module:
+    def policy_for_saving(self) -> Any:
         """The policy as a plain transformers model; with LoRA, the adapters merged into a
         copy (merging in place would leave the trainer without adapters to train)."""
         policy = self.unwrapped.policy

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from ml_backend.tasks import PromptFileError, read_prompts
     from training.export import prompts_from_tasks, pull_export
     from training.models import resolve_policy
-    from training.ppo import PPOConfig, train_policy_version
+    from training.ppo import PPOConfig, RewardFn, train_policy_version
     from training.registry import Registry
     from training.reward import RewardModel
 
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     reward = RewardModel.load(reward_version.path)
     start, parent = start_point(args, settings)
     reference = args.reference or resolve_policy(settings.policy_model, settings.models_cache_dir)
-    reward_fn = reward.score
+    reward_fn: RewardFn = reward.score
     if args.counterfactual_weight > 0:
         from training.counterfactual import load_attributes
         from training.fairness import counterfactual_reward_fn
