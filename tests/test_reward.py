@@ -81,7 +81,12 @@ def test_training_learns_a_preference_and_writes_a_version(tmp_path, tiny_reward
         folder / "training_curves.png"
     ).stat().st_size > 1000
     metadata = json.loads((folder / "metadata.json").read_text())
-    assert metadata["metrics"]["train_pairs"] == 160 and metadata["data"]["fingerprint"]
+    # A tenth of the training prompts chose the stopping point; the held-out 40 chose nothing.
+    m = metadata["metrics"]
+    assert m["train_pairs"] + m["validation_pairs"] == 160 and 0 < m["validation_pairs"] < 40
+    assert m["best_step"] is not None and metadata["data"]["fingerprint"]
+    assert metadata["evaluation"]["accuracy"] == pytest.approx(m["accuracy_after"])
+    assert metadata["evaluation"]["accuracy_low"] <= m["accuracy_after"]
     assert metadata["parent"] is None and metadata["backbone"] == str(tiny_reward_backbone_dir)
     # The saved version scores like the trained model did.
     assert pairwise_accuracy(

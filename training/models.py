@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from training.precision import resolve_dtype
+
 # torch and transformers load inside the functions: every `ls-rlhf` command imports this
 # module for its error type, and `--help` should not wait seconds for them.
 if TYPE_CHECKING:
@@ -129,13 +131,16 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left") -> PreTrainedT
 def load_causal_lm(
     name_or_path: str, dtype: str = "float32"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer (left padding, for batched generation)."""
+    """A causal LM and its tokenizer (left padding, for batched generation); `dtype` may be
+    `auto` (training/precision.py)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(name_or_path, padding_side="left")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=getattr(torch, resolve_dtype(dtype))
+        )
     except OSError as err:
         raise ModelNotFoundError(_not_found(name_or_path, err)) from err
     if model.config.pad_token_id is None:
@@ -145,15 +150,17 @@ def load_causal_lm(
 
 
 def load_sequence_classifier(
-    name_or_path: str, num_labels: int = 1
+    name_or_path: str, num_labels: int = 1, dtype: str = "float32"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A sequence classifier (a reward model has num_labels=1) and its tokenizer."""
+    """A sequence classifier (a reward model has num_labels=1) and its tokenizer; weights in
+    `dtype` (`auto`: see training/precision.py). Training loads float32 master weights."""
+    import torch
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(name_or_path, padding_side="right")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, num_labels=num_labels
+            name_or_path, num_labels=num_labels, dtype=getattr(torch, resolve_dtype(dtype))
         )
     except OSError as err:
         raise ModelNotFoundError(_not_found(name_or_path, err)) from err

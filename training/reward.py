@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,11 +38,15 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
 from training.models import load_sequence_classifier
+from training.precision import resolve_dtype
 from training.registry import Registry, Version
+from training.reward_eval import RewardEvaluation, evaluate_reward
+from training.settings import report_to
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +82,28 @@ class RewardModel:
     """A trained reward model (a registry version) or any HF sequence classifier."""
 
     def __init__(
-        self, model, tokenizer: PreTrainedTokenizerBase, name: str, max_length: int = 512
+        self,
+        model,
+        tokenizer: PreTrainedTokenizerBase,
+        name: str,
+        max_length: int = 512,
+        autocast: bool = False,
     ) -> None:
         self.model, self.tokenizer, self.name, self.max_length = model, tokenizer, name, max_length
+        # bfloat16 autocast over float32 weights: the model being trained, scored cheaply.
+        self.autocast = autocast
 
     @classmethod
-    def load(cls, path_or_id: str | Path, max_length: int | None = None) -> RewardModel:
-        model, tokenizer = load_sequence_classifier(str(path_or_id))
+    def load(
+        cls, path_or_id: str | Path, max_length: int | None = None, dtype: str | None = None
+    ) -> RewardModel:
+        """Load a version folder or any HF model; weights in `dtype` (None: the
+        LS_RLHF_DTYPE setting, `auto` by default: bfloat16 where the hardware has it)."""
+        if dtype is None:
+            from training.settings import Settings
+
+            dtype = Settings.from_env().dtype
+        model, tokenizer = load_sequence_classifier(str(path_or_id), dtype=dtype)
         name = str(path_or_id)
         metadata_file = Path(path_or_id) / "metadata.json"
         if metadata_file.is_file():
@@ -112,7 +132,16 @@ class RewardModel:
         )  # similar lengths: less padding
         scores = [0.0] * len(encoded)
         pad = self.tokenizer.pad_token_id or 0
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        # A bar (with its ETA) only where scoring takes a while and someone watches a terminal.
+        bar = tqdm(
+            starts,
+            desc=f"scoring with {self.name}",
+            unit="batch",
+            leave=False,
+            disable=None if len(starts) >= 8 else True,
+        )
+        for start in bar:
             idx = order[start : start + batch_size]
             width = max(len(encoded[i]) for i in idx)
             input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -120,11 +149,15 @@ class RewardModel:
             for row, i in enumerate(idx):
                 input_ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
                 mask[row, : len(encoded[i])] = 1
-            logits = self.model(
-                input_ids=input_ids.to(self.model.device), attention_mask=mask.to(self.model.device)
-            ).logits
+            with torch.autocast(
+                self.model.device.type, dtype=torch.bfloat16, enabled=self.autocast
+            ):
+                logits = self.model(
+                    input_ids=input_ids.to(self.model.device),
+                    attention_mask=mask.to(self.model.device),
+                ).logits
             for row, i in enumerate(idx):
-                scores[i] = float(logits[row, 0])
+                scores[i] = float(logits[row, 0].float())
         return scores
 
 
@@ -166,7 +199,10 @@ def longer_answer_accuracy(dataset: Dataset) -> float:
 class RewardTrainingConfig:
     learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate."})
     num_train_epochs: float = field(
-        default=2.0, metadata={"help": "Passes over the training pairs."}
+        default=2.0,
+        metadata={
+            "help": "Most passes over the training pairs; validation stops earlier once it stops improving."
+        },
     )
     max_steps: int = field(
         default=-1, metadata={"help": "If > 0, train exactly this many steps (overrides epochs)."}
@@ -204,8 +240,29 @@ class RewardTrainingConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Trade compute for memory (large backbones on a GPU)."}
     )
-    eval_fraction: float = field(
-        default=0.2, metadata={"help": "Held-out share of prompts when no eval set is given."}
+    validation_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Share of the training prompts set aside to choose when to stop (never the "
+            "held-out set); 0 trains to the end."
+        },
+    )
+    evaluations_per_epoch: int = field(
+        default=4,
+        metadata={"help": "Validation evaluations per epoch (each scores every answer once)."},
+    )
+    early_stopping_patience: int = field(
+        default=2,
+        metadata={
+            "help": "Stop after this many validation evaluations without a lower validation "
+            "loss; the best evaluated weights are kept either way."
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (bfloat16 autocast where the hardware has it), float32 or bfloat16."
+        },
     )
     promote: str = field(
         default="if_not_worse",
@@ -222,7 +279,8 @@ class RewardTrainingConfig:
     eval_steps: int | None = field(
         default=None,
         metadata={
-            "help": "Steps between held-out evaluations (None: 4 x logging_steps; 0: only at the end)."
+            "help": "Steps between validation evaluations (None: from evaluations_per_epoch; "
+            "0: no validation, train to the end)."
         },
     )
     seed: int = field(default=0, metadata={"help": "Random seed."})
@@ -230,6 +288,11 @@ class RewardTrainingConfig:
     def __post_init__(self) -> None:
         if self.promote not in ("if_not_worse", "always", "never"):
             raise ValueError(f"promote must be if_not_worse, always or never, not {self.promote!r}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(
+                f"validation_fraction must be in [0, 1), not {self.validation_fraction}"
+            )
+        resolve_dtype(self.dtype)  # refuses an unknown name
 
 
 @dataclass
@@ -237,9 +300,11 @@ class RewardTrainingResult:
     version: Version
     promoted: bool
     metrics: dict[str, Any]
+    evaluation: RewardEvaluation
 
 
-GROUP_COLUMNS = ["ids", "chosen_index", "rejected_index", "margin"]
+# `length` (tokens of all a prompt's answers) is read by the length-grouped sampler.
+GROUP_COLUMNS = ["ids", "chosen_index", "rejected_index", "margin", "length"]
 
 
 def tokenize_groups(
@@ -258,12 +323,14 @@ def tokenize_groups(
         for answer, column in ((chosen, "chosen"), (rejected, "rejected")):
             group[column].append(group["answers"].setdefault(answer, len(group["answers"])))
         group["margin"].append(float(margins[row] or 0.0) if margins else 0.0)
+    ids = [
+        [format_reward_input(tokenizer, prompt, a, max_length) for a in g["answers"]]
+        for prompt, g in groups.items()
+    ]
     return Dataset.from_dict(
         {
-            "ids": [
-                [format_reward_input(tokenizer, prompt, a, max_length) for a in g["answers"]]
-                for prompt, g in groups.items()
-            ],
+            "ids": ids,
+            "length": [sum(len(answer) for answer in group) for group in ids],
             "chosen_index": [g["chosen"] for g in groups.values()],
             "rejected_index": [g["rejected"] for g in groups.values()],
             "margin": [g["margin"] for g in groups.values()],
@@ -276,7 +343,10 @@ def collate_groups(pad_token_id: int) -> Callable[[list[dict[str, Any]]], dict[s
     shifted to rows of that tensor."""
 
     def collate(groups: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        sequences, chosen, rejected, margin = [], [], [], []
+        sequences: list[list[int]] = []
+        chosen: list[int] = []
+        rejected: list[int] = []
+        margin: list[float] = []
         for group in groups:
             offset = len(sequences)
             sequences += group["ids"]
@@ -366,6 +436,48 @@ class _TimeBudget(TrainerCallback):
             control.should_training_stop = True
 
 
+class _KeepBest(TrainerCallback):
+    """Early stopping on the validation loss, keeping the best evaluated weights in memory.
+
+    transformers' `load_best_model_at_end` needs a checkpoint on disk at every evaluation;
+    a copy of the weights in memory is cheaper and leaves nothing behind. The loss, not the
+    accuracy, decides: on a few hundred validation pairs accuracy moves in steps of several
+    points, while the Bradley-Terry loss also sees how confident each ranking is.
+    """
+
+    def __init__(self, patience: int) -> None:
+        self.patience = max(1, patience)
+        self.best_loss = math.inf
+        self.best_step: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.last_step: int | None = None
+        self.worse = 0
+        self.stopped = False
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        self.last_step = state.global_step
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None or model is None:
+            return
+        if loss < self.best_loss:
+            self.best_loss, self.best_step, self.worse = loss, state.global_step, 0
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return
+        self.worse += 1
+        if self.worse >= self.patience and not control.should_training_stop:
+            log.info(
+                "validation loss has not improved for %d evaluations (best %.4f at step %d): stopping",
+                self.worse,
+                self.best_loss,
+                self.best_step,
+            )
+            self.stopped = control.should_training_stop = True
+
+    def restore(self, model: torch.nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+
 class _Progress(TrainerCallback):
     def __init__(self, report: Callable[[float], None]) -> None:
         self.report = report
@@ -392,100 +504,98 @@ def train_reward(
     data_info: dict[str, Any] | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> RewardTrainingResult:
-    """Fit a reward model on `train`, judge it on `eval`, write a version, maybe promote it."""
+    """Fit a reward model on `train`, judge it on `eval`, write a version, maybe promote it.
+
+    A share of `train`'s prompts (`validation_fraction`) is set aside to choose the stopping
+    point: training stops once the validation loss has not improved for
+    `early_stopping_patience` evaluations and keeps the best evaluated weights. `eval` is
+    only scored before and after, so nothing is chosen on it.
+    """
     config = config or RewardTrainingConfig()
     if len(train) == 0:
         raise ValueError("no preference pairs to train on: annotate comparisons or rankings first")
+    bf16 = resolve_dtype(config.dtype) == "bfloat16"
     current = registry.current("reward")
     start_from = str(current.path) if (config.warm_start and current) else backbone
     model, tokenizer = load_sequence_classifier(start_from)
-    untrained = RewardModel(model, tokenizer, "before", config.max_length)
-    accuracy_before = pairwise_accuracy(untrained, eval)
+    accuracy_before = pairwise_accuracy(
+        RewardModel(model, tokenizer, "before", config.max_length, autocast=bf16), eval
+    )
     if current is None:
         current_accuracy = None
     elif start_from == str(current.path):
         current_accuracy = accuracy_before  # warm start: the untrained model is the current one
     else:
         current_accuracy = pairwise_accuracy(
-            RewardModel.load(current.path, config.max_length), eval
+            RewardModel.load(current.path, config.max_length, dtype=config.dtype), eval
         )
+    fit, validation = _validation_split(train, config)
+    if tokenizer.pad_token is None:  # decoders such as GPT-2 pad with their eos token
+        tokenizer.pad_token = tokenizer.eos_token
+    train_groups = tokenize_groups(fit, tokenizer, config.max_length, config.use_margin)
+    validation_groups = (
+        tokenize_groups(validation, tokenizer, config.max_length, config.use_margin)
+        if validation is not None
+        else None
+    )
 
     with registry.stage("reward") as staged:
-        args = RewardConfig(
-            output_dir=str(staged / "trainer"),
-            learning_rate=config.learning_rate,
-            num_train_epochs=config.num_train_epochs,
-            max_steps=config.max_steps,
-            per_device_train_batch_size=config.per_device_train_batch_size,
-            per_device_eval_batch_size=32,
-            warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of all steps
-            weight_decay=config.weight_decay,
-            logging_steps=config.logging_steps,
-            eval_strategy="steps" if len(eval) and config.eval_steps != 0 else "no",
-            eval_steps=config.eval_steps or max(config.logging_steps * 4, 10),
-            save_strategy="no",
-            report_to=[],
-            seed=config.seed,
-            center_rewards_coefficient=config.center_rewards_coefficient,
-            max_length=None,  # already truncated by format_reward_input
-            disable_tqdm=False,
-            use_cpu=not torch.cuda.is_available(),
-            # TRL's defaults (bf16 autocast, gradient checkpointing) make a CPU step >10x slower.
-            bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-            activation_checkpointing=config.gradient_checkpointing,
-        )
-        train_groups = tokenize_groups(train, tokenizer, config.max_length, config.use_margin)
-        eval_groups = (
-            tokenize_groups(eval, tokenizer, config.max_length, config.use_margin)
-            if len(eval)
-            else None
-        )
-        if tokenizer.pad_token is None:  # decoders such as GPT-2 pad with their eos token
-            tokenizer.pad_token = tokenizer.eos_token
         trainer = PairwiseRewardTrainer(
             model=model,
-            args=args,
+            args=_trainer_args(config, staged / "trainer", len(train_groups), validation, bf16),
             data_collator=collate_groups(tokenizer.pad_token_id),
             train_dataset=train_groups,
-            eval_dataset=eval_groups,
+            eval_dataset=validation_groups,
             processing_class=tokenizer,
         )
         trainer.extra_loss = extra_loss
+        keep_best = _KeepBest(config.early_stopping_patience)
+        if validation_groups is not None:
+            trainer.add_callback(keep_best)
         if progress:
             trainer.add_callback(_Progress(progress))
         if config.max_minutes > 0:
             trainer.add_callback(_TimeBudget(config.max_minutes))
         started = time.perf_counter()
         output = trainer.train()
+        if validation_groups is not None:
+            if keep_best.last_step != trainer.state.global_step:
+                trainer.evaluate()  # the weights training ended with are a candidate too
+            keep_best.restore(model)
         seconds = time.perf_counter() - started
-        model.eval()
-        trained = RewardModel(model, tokenizer, "after", config.max_length)
-        accuracy_after = pairwise_accuracy(trained, eval)
 
         model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
+        shutil.rmtree(staged / "trainer", ignore_errors=True)
+        # Judged as it will be served: reloaded from the folder, in the serving precision.
+        served = RewardModel.load(staged, config.max_length, dtype=config.dtype)
+        evaluation = evaluate_reward(served.score, eval)
         curves = plot_curves(trainer.state.log_history, staged / "training_curves.png")
         metrics = {
             "accuracy_before": accuracy_before,
-            "accuracy_after": accuracy_after,
+            "accuracy_after": evaluation.accuracy,
             "current_accuracy": current_accuracy,
             "longer_answer_accuracy": longer_answer_accuracy(eval),
             "train_loss": output.training_loss,
-            "train_pairs": len(train),
+            "train_pairs": len(fit),
+            "validation_pairs": 0 if validation is None else len(validation),
             "eval_pairs": len(eval),
             "steps": trainer.state.global_step,
+            "best_step": keep_best.best_step,
+            "best_validation_loss": keep_best.best_loss if keep_best.best_step else None,
+            "stopped_early": keep_best.stopped,
+            "epochs": round(trainer.state.epoch or 0, 3),
             "seconds": round(seconds, 2),
-            "pairs_per_second": round(len(train) * (trainer.state.epoch or 0) / seconds, 2),
+            "pairs_per_second": round(len(fit) * (trainer.state.epoch or 0) / seconds, 2),
+            "precision": "bfloat16 autocast" if bf16 else "float32",
         }
-        promoted = _should_promote(config.promote, accuracy_after, current_accuracy)
-        import shutil
-
-        shutil.rmtree(staged / "trainer", ignore_errors=True)
+        promoted = _should_promote(config.promote, evaluation.accuracy, current_accuracy)
         version = registry.commit(
             "reward",
             staged,
             {
                 "metrics": _finite(metrics),
+                "evaluation": evaluation.to_dict(),
                 "parent": current.name if current else None,
                 "started_from": "current version" if start_from != backbone else backbone,
                 "backbone": backbone,
@@ -499,11 +609,71 @@ def train_reward(
         "reward %s: held-out accuracy %.3f -> %.3f (current %s), %s",
         version.label,
         accuracy_before,
-        accuracy_after,
+        evaluation.accuracy,
         "none" if current_accuracy is None else f"{current_accuracy:.3f}",
         "promoted" if promoted else "not promoted",
     )
-    return RewardTrainingResult(version=version, promoted=promoted, metrics=metrics)
+    return RewardTrainingResult(
+        version=version, promoted=promoted, metrics=metrics, evaluation=evaluation
+    )
+
+
+MIN_VALIDATION_PAIRS = 8
+
+
+def _validation_split(
+    train: Dataset, config: RewardTrainingConfig
+) -> tuple[Dataset, Dataset | None]:
+    """(pairs to fit, validation pairs or None): validation prompts are carved from the
+    training prompts by hash, so the held-out set never chooses anything."""
+    if config.eval_steps == 0 or config.validation_fraction == 0:
+        return train, None
+    from training.datasets import split_by_prompt
+
+    split = split_by_prompt(train, config.validation_fraction, seed=config.seed + 1)
+    if len(split["test"]) < MIN_VALIDATION_PAIRS or len(split["train"]) < MIN_VALIDATION_PAIRS:
+        log.info("too few pairs for a validation split (%d): training to the end", len(train))
+        return train, None
+    return split["train"], split["test"]
+
+
+def _trainer_args(
+    config: RewardTrainingConfig,
+    output_dir: Path,
+    train_groups: int,
+    validation: Dataset | None,
+    bf16: bool,
+) -> RewardConfig:
+    steps_per_epoch = max(1, math.ceil(train_groups / config.per_device_train_batch_size))
+    eval_steps = config.eval_steps or max(
+        1, math.ceil(steps_per_epoch / max(1, config.evaluations_per_epoch))
+    )
+    return RewardConfig(
+        output_dir=str(output_dir),
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=32,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of all steps
+        weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps,
+        eval_strategy="steps" if validation is not None else "no",
+        eval_steps=eval_steps,
+        save_strategy="no",  # the best weights are kept in memory (_KeepBest)
+        report_to=report_to(),
+        seed=config.seed,
+        center_rewards_coefficient=config.center_rewards_coefficient,
+        max_length=None,  # already truncated by format_reward_input
+        disable_tqdm=False,
+        use_cpu=not torch.cuda.is_available(),
+        # Batches of prompts with similar lengths, so padding does not dominate a step.
+        train_sampling_strategy="group_by_length",
+        # bf16 autocast with float32 master weights; TRL's other CPU default, gradient
+        # checkpointing, makes a step several times slower and stays off unless asked for.
+        bf16=bf16,
+        activation_checkpointing=config.gradient_checkpointing,
+    )
 
 
 def _should_promote(policy: str, accuracy: float, current_accuracy: float | None) -> bool:

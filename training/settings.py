@@ -78,8 +78,12 @@ class Settings:
         },
     )
     dtype: str = field(
-        default="float32",
-        metadata={"help": "Policy dtype for generation: float32 or bfloat16."},
+        default="auto",
+        metadata={
+            "help": "Precision of generation, reward scoring and reward training: auto "
+            "(bfloat16 where the CPU has AVX512-BF16/AMX or the GPU supports it, else "
+            "float32), float32 or bfloat16. PPO always trains in float32."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Random seed for sampling and training."})
     basic_auth_user: str = field(
@@ -177,9 +181,9 @@ class Settings:
             raise SettingsError(
                 f"{ENV_PREFIX}MAX_NEW_TOKENS must be at least 1, not {self.max_new_tokens}"
             )
-        if self.dtype not in ("float32", "bfloat16"):
+        if self.dtype not in ("auto", "float32", "bfloat16"):
             raise SettingsError(
-                f"{ENV_PREFIX}DTYPE must be float32 or bfloat16, not {self.dtype!r}"
+                f"{ENV_PREFIX}DTYPE must be auto, float32 or bfloat16, not {self.dtype!r}"
             )
         if self.loop_policy not in ("none", "ppo", "dpo"):
             raise SettingsError(
