@@ -1,21 +1,28 @@
-"""Benchmark: a reward model on real human preferences (FineGrainedRLHF qa-feedback).
+"""Benchmark: reward models on real human preferences (FineGrainedRLHF qa-feedback).
 
 Fixed split: the first 400 questions train, the last 100 are held out (ties excluded:
 "no preference" judgments give no pair). The pairwise judgments go through the real path:
-Label Studio tasks -> export JSON -> feedback records -> preference pairs. Reports
-held-out pairwise accuracy, wall time, pairs/s and peak memory for the trained model,
-beside two baselines in the same run: the untrained backbone and "the longer answer wins".
+Label Studio tasks -> export JSON -> feedback records -> preference pairs. Each preset is
+trained in the same run, one after the other, and reported with its held-out figures
+(training/reward_eval.py), minutes, pairs/s and peak memory, beside "the longer answer wins".
 
-    .venv/bin/python bench/reward.py [--epochs 1] [--lr 5e-5] [--passage-chars 1000]
+    .venv/bin/python bench/reward.py                       # the default against the previous one
+    .venv/bin/python bench/reward.py --presets default --passage-chars 2000
+    .venv/bin/python bench/reward.py --validation          # choose settings on questions 321-400
+    .venv/bin/python bench/reward.py --precision           # float32 vs bfloat16, scoring and a step
+
+Presets: `default` is `RewardTrainingConfig()` as `ls-rlhf train reward` uses it; `previous`
+is the default before validation-based stopping (lr 5e-5, 2 epochs to the end, max_length
+384, float32), without its periodic held-out evaluations, so its time is a lower bound.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import resource
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,28 +30,85 @@ import torch
 from training.finegrained import DEFAULT_PATH as DATA
 from training.finegrained import finegrained_split, load_finegrained, preference_pairs
 from training.models import load_sequence_classifier, resolve_reward_backbone
+from training.precision import resolve_dtype
 from training.registry import Registry
 from training.reward import (
     RewardModel,
     RewardTrainingConfig,
+    collate_groups,
     longer_answer_accuracy,
-    pairwise_accuracy,
+    tokenize_groups,
     train_reward,
 )
+
+PRESETS = {
+    "default": RewardTrainingConfig(),
+    "previous": RewardTrainingConfig(
+        learning_rate=5e-5,
+        num_train_epochs=2,
+        max_length=384,
+        validation_fraction=0,
+        dtype="float32",
+    ),
+}
+
+
+def reset_peak_memory() -> None:
+    """Restart Linux's count of the peak resident set (VmHWM) from the current size."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_gb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return (
+        int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM:")).split()[1]) / 1024**2
+    )
+
+
+def precision_ratios(backbone: str, pairs, max_length: int) -> None:
+    """Seconds of scoring 256 answers and of one training step of 8 prompts, float32 against
+    bfloat16 (weights for scoring, autocast for training), in this process one after the other."""
+    texts = list(zip(pairs["prompt"], pairs["chosen"], strict=True))[:256]
+    for dtype in ("float32", "bfloat16"):
+        model, tokenizer = load_sequence_classifier(backbone, dtype=dtype)
+        scorer = RewardModel(model, tokenizer, dtype, max_length)
+        scorer.score(*zip(*texts[:32], strict=True))  # warm-up
+        started = time.perf_counter()
+        scorer.score(*zip(*texts, strict=True))
+        scoring = time.perf_counter() - started
+        model, tokenizer = load_sequence_classifier(backbone)
+        model.train()
+        groups = tokenize_groups(pairs.select(range(64)), tokenizer, max_length, True)
+        batch = collate_groups(tokenizer.pad_token_id)([groups[i] for i in range(8)])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                rewards = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits.squeeze(-1)
+                loss = -torch.nn.functional.logsigmoid(
+                    rewards[batch["chosen_index"]] - rewards[batch["rejected_index"]]
+                ).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            times.append(time.perf_counter() - started)
+        print(
+            f"{dtype:<9} scoring 256 answers {scoring:6.2f} s; training step of 8 prompts "
+            f"({batch['input_ids'].shape[0]} answers x {batch['input_ids'].shape[1]} tokens) {min(times[1:]):6.2f} s"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="default")
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=8,
-        help="questions per step, each with all its judged pairs",
-    )
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--presets", default="default,previous", help="comma-separated presets")
+    parser.add_argument("--lr", type=float, help="override the presets' learning rate")
+    parser.add_argument("--epochs", type=float, help="override the presets' most epochs")
+    parser.add_argument("--batch-size", type=int, help="override: questions per step")
+    parser.add_argument("--max-length", type=int, help="override: tokens per (prompt, answer)")
     parser.add_argument(
         "--passage-chars",
         type=int,
@@ -54,19 +118,13 @@ def main() -> None:
     parser.add_argument(
         "--validation",
         action="store_true",
-        help="train on questions 1-320 and evaluate on 321-400 (for choosing epochs and rates)",
+        help="train on questions 1-320 and evaluate on 321-400 (for choosing settings)",
     )
     parser.add_argument(
-        "--eval-steps",
-        type=int,
-        default=0,
-        help="held-out evaluation every N steps (0: only at the end)",
+        "--max-minutes", type=float, default=0.0, help="stop each training after this many minutes"
     )
     parser.add_argument(
-        "--max-minutes",
-        type=float,
-        default=14.0,
-        help="stop training after this many minutes (the model is still evaluated)",
+        "--precision", action="store_true", help="only the float32 / bfloat16 timing ratios"
     )
     args = parser.parse_args()
 
@@ -76,42 +134,49 @@ def main() -> None:
     train = preference_pairs(train_records, passage_chars=args.passage_chars)
     test = preference_pairs(test_records, passage_chars=args.passage_chars)
     backbone = resolve_reward_backbone(args.backbone)
-    model, tokenizer = load_sequence_classifier(backbone)
-    untrained = pairwise_accuracy(RewardModel(model, tokenizer, "untrained", args.max_length), test)
-    config = RewardTrainingConfig(
-        learning_rate=args.lr,
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
-        max_length=args.max_length,
-        logging_steps=10,
-        eval_steps=args.eval_steps,
-        max_minutes=args.max_minutes,
-    )
-    with tempfile.TemporaryDirectory() as home:
-        started = time.perf_counter()
-        result = train_reward(train, test, Registry(Path(home) / "registry"), backbone, config)
-        wall = time.perf_counter() - started
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    m = result.metrics
     print(
-        f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+        f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch "
+        f"{torch.__version__}, bfloat16 by default: {resolve_dtype('auto') == 'bfloat16'}"
     )
     print(
         f"data: {len(train)} training pairs ({len(train_records)} questions), {len(test)} "
-        f"{'validation' if args.validation else 'held-out'} pairs ({len(test_records)} questions)"
-    )
-    print(
-        f"config: epochs {args.epochs}, lr {args.lr}, batch {args.batch_size}, max_length {args.max_length}, "
+        f"{'validation' if args.validation else 'held-out'} pairs ({len(test_records)} questions), "
         f"passages {f'{args.passage_chars} characters' if args.passage_chars else 'no'}"
     )
-    print(f"{'model':<28}{'held-out accuracy':>18}")
-    print(f"{'longer answer wins':<28}{longer_answer_accuracy(test):>18.3f}")
-    print(f"{'untrained backbone':<28}{untrained:>18.3f}")
-    print(f"{'trained reward model':<28}{m['accuracy_after']:>18.3f}")
-    print(
-        f"training: {m['steps']} steps (budget {args.max_minutes:g} min), {m['seconds']:.0f} s ({m['pairs_per_second']:.1f} pairs/s); "
-        f"wall time with evaluation {wall:.0f} s; peak memory {peak_gb:.2f} GB"
-    )
+    if args.precision:
+        precision_ratios(backbone, train, args.max_length or 256)
+        return
+    print(f"longer answer wins: {longer_answer_accuracy(test):.3f}")
+    overrides = {
+        "learning_rate": args.lr,
+        "num_train_epochs": args.epochs,
+        "per_device_train_batch_size": args.batch_size,
+        "max_length": args.max_length,
+    }
+    for name in args.presets.split(","):
+        config = replace(
+            PRESETS[name],
+            max_minutes=args.max_minutes,
+            logging_steps=10,
+            **{k: v for k, v in overrides.items() if v is not None},
+        )
+        with tempfile.TemporaryDirectory() as home:
+            reset_peak_memory()
+            started = time.perf_counter()
+            result = train_reward(train, test, Registry(Path(home) / "registry"), backbone, config)
+            wall = time.perf_counter() - started
+        m = result.metrics
+        print(
+            f"{name}: lr {config.learning_rate:g}, at most {config.num_train_epochs:g} epochs, batch "
+            f"{config.per_device_train_batch_size}, max_length {config.max_length}, "
+            f"validation {config.validation_fraction:g}, {m['precision']}"
+        )
+        print(f"  held-out: {result.evaluation.summary()}")
+        print(
+            f"  training: {m['steps']} steps ({m['epochs']:.2f} epochs, best at step {m['best_step']}, "
+            f"stopped early: {m['stopped_early']}), {m['seconds']:.0f} s, {m['pairs_per_second']:.1f} pairs/s; "
+            f"wall time with evaluation {wall / 60:.1f} min; peak memory {peak_memory_gb():.2f} GB"
+        )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from datasets import Dataset
@@ -68,7 +68,7 @@ def format_reward_input(
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     keep_prompt = min(16, budget // 4)  # an answer alone too long still leaves the question's end
     if len(answer_ids) > budget - keep_prompt:
-        answer = tokenizer.decode(answer_ids[: budget - keep_prompt])
+        answer = str(tokenizer.decode(answer_ids[: budget - keep_prompt]))
     side = tokenizer.truncation_side
     tokenizer.truncation_side = "left"
     try:
@@ -388,7 +388,7 @@ class PairwiseRewardTrainer(RewardTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = GROUP_COLUMNS
+            self._signature_columns = cast(Any, GROUP_COLUMNS)  # typed None in Trainer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
@@ -400,8 +400,9 @@ class PairwiseRewardTrainer(RewardTrainer):
         rejected = rewards[inputs["rejected_index"]]
         difference = chosen - rejected
         loss = -torch.nn.functional.logsigmoid(difference - inputs["margin"]).mean()
-        if self.args.center_rewards_coefficient is not None:
-            loss = loss + self.args.center_rewards_coefficient * torch.mean(rewards**2)
+        center = cast(RewardConfig, self.args).center_rewards_coefficient
+        if center is not None:
+            loss = loss + center * torch.mean(rewards**2)
         if mode == "train" and self.extra_loss is not None:
             extra = self.extra_loss(model)
             self._metrics["train"]["extra_loss"].append(float(extra.detach()))

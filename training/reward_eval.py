@@ -294,17 +294,19 @@ def plot_reliability(evaluation: RewardEvaluation, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0.5, 1], [0.5, 1], linestyle="--", color="grey", label="calibrated")
-    filled = [b for b in evaluation.reliability if b.pairs]
+    filled = [
+        (b.confidence, b.accuracy, b.pairs)
+        for b in evaluation.reliability
+        if b.confidence is not None and b.accuracy is not None
+    ]
     ax.plot(
-        [b.confidence for b in filled],
-        [b.accuracy for b in filled],
+        [confidence for confidence, _, _ in filled],
+        [accuracy for _, accuracy, _ in filled],
         marker="o",
         label=f"reward model (ECE {evaluation.expected_calibration_error:.3f})",
     )
-    for b in filled:
-        ax.annotate(
-            str(b.pairs), (b.confidence, b.accuracy), textcoords="offset points", xytext=(4, -10)
-        )
+    for confidence, accuracy, pairs in filled:
+        ax.annotate(str(pairs), (confidence, accuracy), textcoords="offset points", xytext=(4, -10))
     ax.set(
         xlabel="shown confidence sigmoid(r_a - r_b)",
         ylabel="suggestion was the chosen answer",
