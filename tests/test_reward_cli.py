@@ -36,11 +36,14 @@ def test_train_reward_on_a_saved_dataset_writes_and_promotes_a_version(env, tmp_
     assert str(version.path / "training_curves.png") in out
     assert (version.path / "training_curves.png").stat().st_size > 0
     metadata = json.loads((version.path / "metadata.json").read_text())
-    # 40 pairs over 40 distinct prompts; some prompts (about 20%) are held out, none lost.
-    train_pairs, eval_pairs = metadata["metrics"]["train_pairs"], metadata["metrics"]["eval_pairs"]
+    # 40 pairs over 40 distinct prompts; about 20% are held out and a tenth of the rest
+    # chooses the stopping point (validation), none lost.
+    m = metadata["metrics"]
+    train_pairs, eval_pairs = m["train_pairs"] + m["validation_pairs"], m["eval_pairs"]
     assert train_pairs + eval_pairs == 40
     assert 0 < eval_pairs < train_pairs
     assert f"{train_pairs} training pairs, {eval_pairs} held-out pairs" in out
+    assert f"accuracy {metadata['evaluation']['accuracy']:.3f} [" in out
 
     # Nothing served can be beaten by --promote never: a second version stays unserved.
     code = cli(

@@ -649,6 +649,13 @@ def _trainer_args(
     eval_steps = config.eval_steps or max(
         1, math.ceil(steps_per_epoch / max(1, config.evaluations_per_epoch))
     )
+    total_steps = (
+        config.max_steps
+        if config.max_steps > 0
+        else math.ceil(steps_per_epoch * config.num_train_epochs)
+    )
+    # At least two logged losses, so even a short run draws its curve.
+    logging_steps = max(1, min(config.logging_steps, total_steps // 2))
     return RewardConfig(
         output_dir=str(output_dir),
         learning_rate=config.learning_rate,
@@ -658,7 +665,7 @@ def _trainer_args(
         per_device_eval_batch_size=32,
         warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of all steps
         weight_decay=config.weight_decay,
-        logging_steps=config.logging_steps,
+        logging_steps=logging_steps,
         eval_strategy="steps" if validation is not None else "no",
         eval_steps=eval_steps,
         save_strategy="no",  # the best weights are kept in memory (_KeepBest)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ml_backend.cli import UserError
-from ml_backend.commands._sources import add_source_arguments, load_feedback, print_problems
+from ml_backend.commands._sources import add_source_arguments, load_preference_pairs
 from training.settings import Settings
 
 MIN_PAIRS = 8
@@ -58,29 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from datasets import load_from_disk
-
-    from training.datasets import preference_dataset, split_by_prompt
-    from training.feedback import Flag
+    from training.datasets import split_by_prompt
     from training.models import resolve_reward_backbone
     from training.registry import Registry
     from training.reward import RewardTrainingConfig, train_reward
 
     settings = Settings.from_env()
-    flags: list = []
-    if args.dataset:
-        try:
-            pairs = load_from_disk(args.dataset)
-        except FileNotFoundError:
-            raise UserError(
-                f"{args.dataset} is not a saved dataset (use the preference/ folder of `ls-rlhf export --datasets`)"
-            ) from None
-        source = args.dataset
-    else:
-        parsed, _tasks, _config, source = load_feedback(args, settings)
-        print_problems(parsed)
-        pairs = preference_dataset(parsed.records)
-        flags = parsed.of_type(Flag)
+    pairs, source, flags = load_preference_pairs(args, settings)
     if len(pairs) < MIN_PAIRS:
         raise UserError(
             f"{source} gives {len(pairs)} preference pairs; annotate at least {MIN_PAIRS} comparisons or rankings first"
@@ -97,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         promote=args.promote,
         warm_start=args.warm_start,
         seed=settings.seed,
+        dtype=settings.dtype,
         **{k: v for k, v in overrides.items() if v is not None},
     )
     backbone = resolve_reward_backbone(args.backbone or settings.reward_backbone)
@@ -142,10 +127,12 @@ def run(args: argparse.Namespace) -> int:
     )
     m = result.metrics
     current = "none" if m["current_accuracy"] is None else f"{m['current_accuracy']:.3f}"
+    stop = f", best at step {m['best_step']}" if m["best_step"] else ""
     print(
-        f"{result.version.label}: held-out accuracy {m['accuracy_before']:.3f} -> {m['accuracy_after']:.3f} "
-        f"(current version {current}; longer answer wins {m['longer_answer_accuracy']:.3f}), "
-        f"{m['steps']} steps in {m['seconds']:.0f} s; {'promoted: now served' if result.promoted else 'not promoted'}\n"
+        f"{result.version.label}: held-out {result.evaluation.summary()}\n"
+        f"  untrained {m['accuracy_before']:.3f}, current version {current}; {m['steps']} steps "
+        f"({m['epochs']:.2f} epochs{stop}) in {m['seconds']:.0f} s, {m['precision']}; "
+        f"{'promoted: now served' if result.promoted else 'not promoted'}\n"
         f"curves: {result.version.path / 'training_curves.png'}"
     )
     return 0

@@ -37,9 +37,7 @@ def run(args: argparse.Namespace) -> int:
             if not versions:
                 print(f"{kind}: no versions yet")
             for v in versions:
-                metrics = v.metadata.get("metrics", {})
-                accuracy = metrics.get("accuracy_after")
-                shown = f"held-out accuracy {accuracy:.3f}" if isinstance(accuracy, float) else ""
+                shown = _held_out(v.metadata)
                 marker = "*" if current and current.name == v.name else " "
                 print(
                     f"{marker} {v.label:<12} {v.metadata.get('created_at', '')}  parent {v.metadata.get('parent')}  {shown}"
@@ -57,3 +55,19 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{current.label} has no previous version to roll back to")
     print(f"{registry.promote(args.kind, parent).label} is now served (was {current.label})")
     return 0
+
+
+def _held_out(metadata: dict) -> str:
+    """A reward version's held-out figures (training/reward_eval.py), as one short text."""
+    evaluation = metadata.get("evaluation") or {}
+    if isinstance(evaluation.get("accuracy"), float):
+        text = (
+            f"held-out accuracy {evaluation['accuracy']:.3f} "
+            f"[{evaluation['accuracy_low']:.3f}, {evaluation['accuracy_high']:.3f}], "
+            f"ECE {evaluation['expected_calibration_error']:.3f}"
+        )
+        if isinstance(evaluation.get("shorter_chosen_accuracy"), float):
+            text += f", {evaluation['shorter_chosen_accuracy']:.3f} when the shorter answer won"
+        return text
+    accuracy = metadata.get("metrics", {}).get("accuracy_after")
+    return f"held-out accuracy {accuracy:.3f}" if isinstance(accuracy, float) else ""
