@@ -504,6 +504,7 @@ def train_reward(
     extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
     data_info: dict[str, Any] | None = None,
     progress: Callable[[float], None] | None = None,
+    extra_evaluations: Mapping[str, Callable[[RewardModel], dict[str, Any]]] | None = None,
 ) -> RewardTrainingResult:
     """Fit a reward model on `train`, judge it on `eval`, write a version, maybe promote it.
 
@@ -511,6 +512,9 @@ def train_reward(
     point: training stops once the validation loss has not improved for
     `early_stopping_patience` evaluations and keeps the best evaluated weights. `eval` is
     only scored before and after, so nothing is chosen on it.
+
+    `extra_evaluations` name further figures of the trained model (as it will be served),
+    e.g. {"fairness": counterfactual gaps}; each lands in the version's metadata under its name.
     """
     config = config or RewardTrainingConfig()
     if len(train) == 0:
@@ -571,6 +575,7 @@ def train_reward(
         # Judged as it will be served: reloaded from the folder, in the serving precision.
         served = RewardModel.load(staged, config.max_length, dtype=config.dtype)
         evaluation = evaluate_reward(served.score, eval)
+        extra = {name: figures(served) for name, figures in (extra_evaluations or {}).items()}
         curves = plot_curves(trainer.state.log_history, staged / "training_curves.png")
         metrics = {
             "accuracy_before": accuracy_before,
@@ -597,6 +602,7 @@ def train_reward(
             {
                 "metrics": _finite(metrics),
                 "evaluation": evaluation.to_dict(),
+                **extra,
                 "parent": current.name if current else None,
                 "started_from": "current version" if start_from != backbone else backbone,
                 "backbone": backbone,
