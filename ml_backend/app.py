@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import base64
 import hmac
+import json
 import logging
+import os
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
 from ml_backend.backend import RLHFBackend
-from ml_backend.events import EventError, EventLog
+from ml_backend.events import MAX_ID, EventError, EventLog, parse_project_id
 from ml_backend.jobs import JobStore, Trainer
-from ml_backend.results import TaskDataError
+from ml_backend.results import InputError, TaskDataError, describe_type
 from ml_backend.serving import ModelHolder
 from ml_backend.training_job import run_training
 from training.label_config import LabelConfigError
@@ -30,10 +36,17 @@ log = logging.getLogger(__name__)
 WEBHOOK_SECRET_HEADER = "X-LS-RLHF-Secret"
 
 
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
+class BadRequest(InputError):
+    """An answer the route gives itself: 400 (or `status`) naming the field."""
+
+    def __init__(self, message: str, field: str = "body", status: int = 400) -> None:
+        super().__init__(message, field, status)
+
+
+ROUTES = (
+    "GET /health, POST /setup, POST /predict, GET /predictions/progress, POST /webhook, "
+    "GET|POST /versions, POST /train, GET /jobs, GET /jobs/<id>, GET /metrics"
+)
 
 
 def create_app(
@@ -66,6 +79,9 @@ def create_app(
 
     app = Flask("ls_rlhf")
     app.config["SETTINGS"] = settings
+    # Werkzeug refuses a longer body (Content-Length or a chunked stream) with a 413.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    scrub = _scrubber(settings)
     app.extensions["ls_rlhf"] = backend
     started_at = time.time()
 
@@ -75,38 +91,90 @@ def create_app(
             return None
         response = jsonify(
             error="authentication required: use the backend's HTTP Basic auth user and password"
+            + (
+                f" (or, on /webhook, the {WEBHOOK_SECRET_HEADER} header)"
+                if settings.webhook_secret and request.path == "/webhook"
+                else ""
+            ),
+            field="Authorization",
         )
         response.status_code = 401
         response.headers["WWW-Authenticate"] = 'Basic realm="ls-rlhf"'
         return response
 
-    @app.errorhandler(BadRequest)
-    def bad_request(err: BadRequest):
-        return jsonify(error=str(err)), err.status
+    # Every answer that is not a success is JSON: {"error": what is wrong and what to do,
+    # "field": what it is about}. Paths on the server's disk and tracebacks go to the log.
+    def error(message: str, field: str, status: int, **extra: Any) -> tuple[Response, int]:
+        return jsonify(error=scrub(message), field=field, **extra), status
 
-    @app.errorhandler(TaskDataError)
-    def task_error(err: TaskDataError):
-        return jsonify(error=str(err), task=err.task_id), 422
+    @app.errorhandler(InputError)
+    def input_error(err: InputError):
+        extra = {"task": err.task_id} if isinstance(err, TaskDataError) else {}
+        return error(str(err), err.field, err.status, **extra)
 
     @app.errorhandler(LabelConfigError)
     def config_error(err: LabelConfigError):
-        return jsonify(error=f"label config does not fit: {err}"), 422
+        return error(f'label config does not fit ("label_config"): {err}', "label_config", 422)
 
     @app.errorhandler(EventError)
     def event_error(err: EventError):
-        return jsonify(error=str(err)), 400
+        return error(str(err), err.field, 400)
 
     @app.errorhandler(RegistryError)
     def registry_error(err: RegistryError):
-        return jsonify(error=str(err)), 404
-
-    @app.errorhandler(ValueError)
-    def value_error(err: ValueError):
-        return jsonify(error=str(err)), 400
+        log.info("registry: %s", err)
+        message = str(err).replace(f" in {holder.registry.root}", "")
+        return error(f"{message} (`ls-rlhf versions list` shows them)", "version", 404)
 
     @app.errorhandler(TimeoutError)
     def still_loading(err: TimeoutError):
-        return jsonify(error=str(err)), 503
+        return error(str(err), "models", 503)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(err: RequestEntityTooLarge):
+        return error(
+            f"the request body is over {settings.max_request_bytes} bytes "
+            "(LS_RLHF_MAX_REQUEST_BYTES): send less, or raise the limit",
+            "body",
+            413,
+        )
+
+    @app.errorhandler(NotFound)
+    def not_found(err: NotFound):
+        return error(f"no route {request.path}; the backend serves {ROUTES}", "path", 404)
+
+    @app.errorhandler(MethodNotAllowed)
+    def not_allowed(err: MethodNotAllowed):
+        allowed = sorted(set(err.valid_methods or ()) - {"HEAD", "OPTIONS"})
+        response, status = error(
+            f"{request.method} is not allowed on {request.path}; use {' or '.join(allowed)}",
+            "method",
+            405,
+        )
+        response.headers["Allow"] = ", ".join(sorted(err.valid_methods or ()))
+        return response, status
+
+    @app.errorhandler(HTTPException)
+    def http_error(err: HTTPException):
+        return error(f"{err.name}: {err.description}", "request", err.code or 400)
+
+    @app.errorhandler(Exception)
+    def unexpected(err: Exception):
+        # ValueErrors and the rest that no handler above knows are the backend's own faults.
+        log.exception("%s %s failed", request.method, request.path)
+        if isinstance(err, RuntimeError) and holder.load_error and not holder.ready:
+            return error(
+                "the models failed to load; GET /health says why and the backend's log has "
+                "the details",
+                "models",
+                503,
+            )
+        return error(
+            f"the backend failed on this request ({type(err).__name__}); its log has the "
+            "details: please report it",
+            "backend",
+            500,
+        )
 
     @app.get("/")
     @app.get("/health")
@@ -116,7 +184,7 @@ def create_app(
         if holder.ready:
             body["model_version"] = holder.get().model_version
         if holder.load_error:
-            body["error"] = holder.load_error
+            body["error"] = scrub(holder.load_error)
         return jsonify(body)
 
     @app.post("/setup")
@@ -127,16 +195,48 @@ def create_app(
     def predict():
         payload = _json_object()
         tasks = payload.get("tasks")
-        if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
-            raise BadRequest('"tasks" must be a list of task objects')
+        if not isinstance(tasks, list):
+            what = "missing" if tasks is None else f"{describe_type(tasks)}"
+            raise BadRequest(f'"tasks" must be a list of task objects, not {what}', "tasks")
+        if len(tasks) > settings.max_predict_tasks:
+            raise BadRequest(
+                f'"tasks" holds {len(tasks)} tasks, over the limit of {settings.max_predict_tasks} '
+                "(LS_RLHF_MAX_PREDICT_TASKS): send them in smaller batches",
+                "tasks",
+                413,
+            )
+        for i, task in enumerate(tasks):
+            if not isinstance(task, dict):
+                raise BadRequest(
+                    f'"tasks[{i}]" is {describe_type(task)}; "tasks" must be a list of task '
+                    'objects such as {"id": 1, "data": {...}}',
+                    f"tasks[{i}]",
+                )
+            tid = task.get("id")
+            if tid is not None and (isinstance(tid, bool) or not isinstance(tid, (int, str))):
+                raise BadRequest(
+                    f'"tasks[{i}].id" is {describe_type(tid)}; a task id is a number',
+                    f"tasks[{i}].id",
+                )
         label_config = payload.get("label_config")
         if not isinstance(label_config, str) or not label_config.strip():
-            raise BadRequest('"label_config" (the project\'s labeling config XML) is missing')
-        params = payload.get("params") or {}
-        context = params.get("context") if isinstance(params, dict) else None
-        results = backend.predict(
-            tasks, label_config, context=context, project=payload.get("project")
-        )
+            what = "missing" if label_config in (None, "") else f"{describe_type(label_config)}"
+            raise BadRequest(
+                f'"label_config" (the project\'s labeling config XML) is {what}; send it as text',
+                "label_config",
+            )
+        params = payload.get("params")
+        if params is not None and not isinstance(params, dict):
+            raise BadRequest(f'"params" is {describe_type(params)}, not an object', "params")
+        context = (params or {}).get("context")
+        if context is not None and not isinstance(context, dict):
+            raise BadRequest(
+                f'"params.context" is {describe_type(context)}, not an object', "params.context"
+            )
+        project = payload.get("project")
+        if project is not None:
+            parse_project_id(project)  # EventError names the field
+        results = backend.predict(tasks, label_config, context=context, project=project)
         version = results[0]["model_version"] if results else holder.get(timeout=0.1).model_version
         return jsonify(results=results, model_version=version)
 
@@ -145,8 +245,11 @@ def create_app(
         payload = _json_object()
         action = payload.get("action")
         if not isinstance(action, str):
+            what = "missing" if action is None else f"{describe_type(action)}, not text"
             raise BadRequest(
-                'a webhook body needs an "action" such as "ANNOTATION_CREATED" or "START_TRAINING"'
+                f'"action" is {what}: a webhook body needs an "action" such as '
+                '"ANNOTATION_CREATED" or "START_TRAINING"',
+                "action",
             )
         return jsonify(backend.fit(action, payload)), 201
 
@@ -154,15 +257,29 @@ def create_app(
     def train_legacy():
         """Label Studio's legacy training call: recorded like the "Start Training" button."""
         payload = _json_object()
+        parse_project_id(payload.get("project"))
         recorded = backend.fit("START_TRAINING", {"project": payload.get("project")})
         return jsonify(job=recorded.get("job"), event=recorded["event_id"]), 201
 
     @app.route("/versions", methods=["GET", "POST"])
     def versions():
         registry = holder.registry
-        payload = request.get_json(silent=True) if request.method == "POST" else None
-        if isinstance(payload, dict) and payload.get("kind") and payload.get("version"):
-            promoted = registry.promote(str(payload["kind"]), str(payload["version"]))
+        payload = _json_object(empty_ok=True) if request.method == "POST" else {}
+        if payload.get("kind") is not None or payload.get("version") is not None:
+            kind, version = payload.get("kind"), payload.get("version")
+            if kind not in ("policy", "reward"):
+                raise BadRequest(
+                    f'"kind" must be "reward" or "policy", not {describe_type(kind)} '
+                    f"{str(kind)[:40]}",
+                    "kind",
+                )
+            if not isinstance(version, str) or not version.strip():
+                raise BadRequest(
+                    '"version" must name a version, e.g. "v2" (`ls-rlhf versions list`), not '
+                    f"{describe_type(version)}",
+                    "version",
+                )
+            promoted = registry.promote(kind, version)
             holder.refresh_soon()
             log.info("promoted %s through /versions", promoted.label)
         served = holder.get(timeout=0.1).model_version if holder.ready else None
@@ -183,14 +300,25 @@ def create_app(
 
     @app.get("/jobs")
     def jobs():
-        project = request.args.get("project", type=int)
+        raw = request.args.get("project")
+        project = None
+        if raw is not None:
+            try:
+                project = parse_project_id(raw)
+            except EventError:
+                raise BadRequest(
+                    f"?project= must be a project id (a positive integer), not {raw[:40]!r}",
+                    "project",
+                ) from None
         return jsonify(jobs=[job.as_dict() for job in trainer.store.jobs(project)])
 
-    @app.get("/jobs/<int:job_id>")
-    def job(job_id: int):
-        found = trainer.store.get(job_id)
+    @app.get("/jobs/<job_id>")
+    def job(job_id: str):
+        found = None
+        if job_id.isascii() and job_id.isdigit() and 0 < int(job_id) <= MAX_ID:
+            found = trainer.store.get(int(job_id))
         if found is None:
-            raise BadRequest(f"no job {job_id}; GET /jobs lists them", status=404)
+            raise BadRequest(f"no job {job_id[:40]}; GET /jobs lists them", "job_id", 404)
         return jsonify(found.as_dict())
 
     @app.get("/predictions/progress")
@@ -218,13 +346,58 @@ def create_app(
     return app
 
 
-def _json_object() -> dict[str, Any]:
-    payload = request.get_json(silent=True)
-    if payload is None:
-        raise BadRequest("the body must be JSON (Content-Type: application/json)")
+def _json_object(empty_ok: bool = False) -> dict[str, Any]:
+    """The request's JSON object. Read as UTF-8 whatever the Content-Type says (Label Studio
+    and curl users do not always set it); a body that is not JSON is a 400."""
+    raw = request.get_data(cache=True)  # 413 past MAX_CONTENT_LENGTH, when it is sent
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    # A chunked body is cut at the limit by Werkzeug, silently: more of it is a 413.
+    chunked = request.content_length is None
+    if chunked and len(raw) >= limit and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
+    if empty_ok and not raw.strip():
+        return {}
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest(
+            "the body must be JSON (Content-Type: application/json), UTF-8 encoded", "body"
+        ) from None
     if not isinstance(payload, dict):
-        raise BadRequest("the body must be a JSON object")
+        raise BadRequest(f"the body must be a JSON object, not {describe_type(payload)}", "body")
+    try:
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(
+            "the body holds invalid Unicode (an escape of a lone surrogate such as \\ud800); "
+            "send UTF-8 text",
+            "body",
+        ) from None
     return payload
+
+
+def _scrubber(settings: Settings):
+    """A function that takes the server's own folders out of a message meant for a client."""
+    roots = {
+        str(Path(settings.home)),
+        str(Path(settings.home).resolve()),
+        sys.prefix,
+        str(Path.home()),
+        os.getcwd(),
+        tempfile.gettempdir(),
+        str(Path(__file__).resolve().parents[1]),
+    }
+    for name in (settings.policy_model, settings.reward_backbone):
+        if name.startswith(("/", "~", ".")):
+            roots |= {name, str(Path(name).expanduser().resolve())}
+    ordered = sorted((r for r in roots if len(r) > 1), key=len, reverse=True)
+
+    def scrub(message: str) -> str:
+        for root in ordered:
+            message = message.replace(root, "<server folder>")
+        return message
+
+    return scrub
 
 
 def _authorized(settings: Settings, path: str, headers) -> bool:

@@ -21,11 +21,19 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ml_backend.events import EventLog, project_id_of
-from ml_backend.results import Answer, build_prediction, task_answers, task_prompt
+from ml_backend.events import EventLog, parse_project_id, project_id_of
+from ml_backend.results import (
+    Answer,
+    InputError,
+    TaskDataError,
+    build_prediction,
+    describe_type,
+    task_answers,
+    task_prompt,
+)
 from ml_backend.serving import ModelHolder, Served, model_version_of
 from training.generation import generate_completions
-from training.label_config import Schema, read_schema
+from training.label_config import LabelConfigError, Schema, read_schema
 from training.settings import Settings
 
 if TYPE_CHECKING:
@@ -82,34 +90,88 @@ class RLHFBackend:
     # -- /setup ---------------------------------------------------------------------------
 
     def setup(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Fast: reads the registry's pointers only. Checks the config if one is sent."""
+        """Fast: reads the registry's pointers only. Checks the config if one is sent.
+        Every field is checked before anything is changed (pins, access, connection)."""
+        project_id = None
+        if payload.get("project") is not None:
+            project_id = parse_project_id(payload["project"])
+        for name in ("schema", "hostname", "access_token", "model_version"):
+            value = payload.get(name)
+            if value is not None and not isinstance(value, str):
+                raise InputError(
+                    f'"{name}" is {describe_type(value)}, not text; '
+                    + (
+                        "send the project's labeling config XML"
+                        if name == "schema"
+                        else f'send "{name}" as a string, or leave it out'
+                    ),
+                    name,
+                )
         schema_xml = payload.get("schema")
         if schema_xml:
-            read_schema(schema_xml)  # LabelConfigError names what is missing
-        project_id = project_id_of(payload.get("project"))
-        self._pin_versions(payload.get("extra_params"))
+            try:
+                read_schema(schema_xml)  # LabelConfigError names what is missing
+            except LabelConfigError as err:
+                raise InputError(
+                    f'"schema", the label config, does not fit: {err}', "schema", 422
+                ) from None
+        pins = self._read_pins(payload.get("extra_params"))
+        self._pin_versions(pins)
         hostname, token = payload.get("hostname"), payload.get("access_token")
-        if project_id is not None and hostname and token:
-            self.label_studio_access[project_id] = (hostname, token)
+        if project_id is not None:
+            if self.events is not None:
+                self.events.connect(project_id, "/setup")
+            if hostname and token:
+                self.label_studio_access[project_id] = (hostname, token)
         if model_version_of(self.holder.registry) != self.holder.model_version:
             self.holder.refresh_soon()
         return {"model_version": self.holder.model_version}
 
-    def _pin_versions(self, extra_params: Any) -> None:
-        """Label Studio's "extra params" of the backend can pin versions:
-        {"reward_version": "v2", "policy_version": "v1"} (a rollback is pinning an older one)."""
-        if isinstance(extra_params, str) and extra_params.strip():
+    @staticmethod
+    def _read_pins(extra_params: Any) -> dict[str, str]:
+        """Label Studio's "extra params" of the backend (an object, or JSON text of one):
+        the versions they pin, {"reward": "v2"}; InputError for a wrong type."""
+        example = 'e.g. {"reward_version": "v2"}'
+        if isinstance(extra_params, str):
+            if not extra_params.strip():
+                return {}
             try:
                 extra_params = json.loads(extra_params)
             except json.JSONDecodeError:
-                raise ValueError(
-                    'extra_params must be JSON, e.g. {"reward_version": "v2"}'
+                raise InputError(
+                    f'"extra_params" is not valid JSON: send a JSON object, {example}',
+                    "extra_params",
                 ) from None
+            if extra_params is None:
+                return {}
+        if extra_params is None:
+            return {}
         if not isinstance(extra_params, dict):
-            return
-        registry = self.holder.registry
+            raise InputError(
+                f'"extra_params" is {describe_type(extra_params)}, not an object: send a JSON '
+                f"object, {example}",
+                "extra_params",
+            )
+        pins = {}
         for kind in ("reward", "policy"):
             wanted = extra_params.get(f"{kind}_version")
+            if wanted is None or wanted == "":
+                continue
+            if not isinstance(wanted, str):
+                raise InputError(
+                    f'"extra_params.{kind}_version" is {describe_type(wanted)}, not text: name a '
+                    f'version such as "v2" (`ls-rlhf versions list`)',
+                    f"extra_params.{kind}_version",
+                )
+            pins[kind] = wanted
+        return pins
+
+    def _pin_versions(self, pins: dict[str, str]) -> None:
+        """Pins from the backend's extra params, {"reward": "v2", "policy": "v1"} (a rollback
+        is pinning an older one)."""
+        registry = self.holder.registry
+        for kind in ("reward", "policy"):
+            wanted = pins.get(kind)
             if wanted:
                 current = registry.current(kind)
                 if current is None or current.name != wanted:
@@ -130,7 +192,16 @@ class RLHFBackend:
         started = time.monotonic()
         budget = self.settings.predict_budget_seconds if budget_seconds is None else budget_seconds
         schema = read_schema(label_config)
-        prepared = [self._prepare(task, schema) for task in tasks]  # all validated before any work
+        prepared = []
+        for index, task in enumerate(tasks):  # all validated before any work
+            try:
+                prepared.append(self._prepare(task, schema))
+            except TaskDataError as err:
+                err.field = f"tasks[{index}].{err.field}"
+                raise
+        project_id = project_id_of(project)
+        if project_id is not None and self.events is not None:
+            self.events.connect(project_id, "/predict")
         served = self.holder.get(timeout=max(1.0, budget))
         items: list[dict[str, Any]] = []
         step = max(1, self.settings.generation_batch_size)
@@ -140,7 +211,7 @@ class RLHFBackend:
             items.extend(self._predict_batch(prepared[start : start + step], schema, served))
         rest = prepared[len(items) :]
         if rest:
-            job = self._deliver_later(rest, schema, served, project_id_of(project))
+            job = self._deliver_later(rest, schema, served, project_id)
             items.extend({"model_version": served.model_version} for _ in rest)
             log.info(
                 "predict: answered %d tasks in time, %d more follow as job %s",
@@ -251,6 +322,13 @@ class RLHFBackend:
 
     # -- /webhook ---------------------------------------------------------------------------
 
+    def is_connected(self, project_id: int) -> bool:
+        """Whether Label Studio connected this project to the backend (its /setup or
+        /predict), or the backend trained for it before (a registry from before this rule)."""
+        if self.events is not None and self.events.is_connected(project_id):
+            return True
+        return self.trainer is not None and bool(self.trainer.store.jobs(project_id, limit=1))
+
     def fit(self, event: str, data: dict[str, Any]) -> dict[str, Any]:
         """Record the event; training is started by the worker, outside this request."""
         if self.events is None:
@@ -263,6 +341,17 @@ class RLHFBackend:
             "event_id": recorded.id,
             "action": recorded.action,
         }
+        if recorded.project_id is not None and not self.is_connected(recorded.project_id):
+            answer["job"] = None
+            answer["note"] = (
+                f"project {recorded.project_id} never connected to this backend (Label Studio "
+                "calls /setup when the backend is added to a project): the event is recorded, "
+                "and starts no training"
+            )
+            log.warning(
+                "event %d for unconnected project %d: no training", recorded.id, recorded.project_id
+            )
+            return answer
         if self.trainer is not None:
             job = self.trainer.on_event(recorded)
             if job is not None:

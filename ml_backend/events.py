@@ -13,6 +13,7 @@ loses nothing that was acknowledged, and a restarted backend finds its events ag
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -43,11 +44,25 @@ CREATE TABLE IF NOT EXISTS events (
     annotation_ids TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS events_project ON events (project_id, id);
+CREATE TABLE IF NOT EXISTS projects (
+    id INTEGER PRIMARY KEY,           -- a Label Studio project that connected to this backend
+    connected_at REAL NOT NULL,
+    via TEXT NOT NULL                 -- how the backend learnt of it: /setup, /predict
+);
 """
 
 
 class EventError(ValueError):
-    """A webhook body that is not a Label Studio event; the message says why."""
+    """A webhook body that is not a Label Studio event; the message says why and what to send."""
+
+    def __init__(self, message: str, field: str = "body") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+# SQLite's INTEGER is 64-bit; a larger id cannot name anything the backend stores.
+MAX_ID = 2**63 - 1
+_ACTION = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -65,36 +80,122 @@ class Event:
 
 
 def project_id_of(value: Any) -> int | None:
-    """Label Studio sends a project as an object with "id", an int, or "<id>.<timestamp>"."""
-    if isinstance(value, dict):
-        value = value.get("id")
-    if isinstance(value, bool):
+    """Label Studio sends a project as an object with "id", an int, or "<id>.<timestamp>".
+    None for anything else (see `parse_project_id` for the strict reading)."""
+    try:
+        return parse_project_id(value)
+    except EventError:
         return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.split(".", 1)[0].isdigit():
-        return int(value.split(".", 1)[0])
-    return None
 
 
-def summarize(payload: Any) -> tuple[str, int | None, int | None, tuple[int, ...]]:
-    """(action, project id, task id, annotation ids) of a webhook body."""
-    if not isinstance(payload, dict) or not isinstance(payload.get("action"), str):
-        raise EventError(
-            'a webhook body must be a JSON object with an "action", e.g. {"action": "START_TRAINING"}'
-        )
-    action = payload["action"]
-    task = payload.get("task")
-    task_id = task.get("id") if isinstance(task, dict) and isinstance(task.get("id"), int) else None
-    raw = payload.get("annotation") or payload.get("annotations") or []
-    items = raw if isinstance(raw, list) else [raw]
-    annotation_ids = tuple(
-        a["id"] for a in items if isinstance(a, dict) and isinstance(a.get("id"), int)
+def parse_project_id(value: Any, field: str = "project") -> int:
+    """A project id as Label Studio sends it, or EventError naming `field`: a positive
+    integer, a string "<id>" or "<id>.<timestamp>", or an object with such an "id"."""
+    if isinstance(value, dict):
+        field, value = f"{field}.id", value.get("id")
+    hint = (
+        f'"{field}" must be a project id: a positive integer such as 3 (Label Studio also '
+        'sends "3.1700000000" or {"id": 3})'
     )
-    project_id = project_id_of(payload.get("project"))
-    if project_id is None and isinstance(task, dict):
-        project_id = project_id_of(task.get("project"))
-    return action, project_id, task_id, annotation_ids
+    if value is None:
+        raise EventError(f'"{field}" is missing: {hint}', field)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise EventError(f'"{field}" is {_json_type(value)}, not a project id: {hint}', field)
+    if isinstance(value, str):
+        head, dot, tail = value.partition(".")
+        if not (head.isascii() and head.isdigit()) or (
+            dot and not (tail.isascii() and tail.isdigit())
+        ):
+            raise EventError(
+                f'"{field}" is the text {value[:40]!r}, not a project id: {hint}', field
+            )
+        value = int(head)
+    if not 0 < value <= MAX_ID:
+        raise EventError(f'"{field}" is {value}, not a project id: {hint}', field)
+    return value
+
+
+def _json_type(value: Any) -> str:
+    """What a JSON value is, in words: for messages that report a wrong type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _ids(value: Any, field: str) -> tuple[int, ...]:
+    """Ids of an object or a list of objects ({"id": 3} or [{"id": 3}, ...])."""
+    items = value if isinstance(value, list) else [value]
+    ids = []
+    for i, item in enumerate(items):
+        where = f"{field}[{i}]" if isinstance(value, list) else field
+        if not isinstance(item, dict):
+            raise EventError(
+                f'"{where}" is {_json_type(item)}; Label Studio sends an object with an "id"',
+                where,
+            )
+        raw = item.get("id")
+        if raw is None:
+            continue
+        if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= MAX_ID:
+            raise EventError(
+                f'"{where}.id" must be an integer id (0 or more), not {_json_type(raw)} {str(raw)[:40]}',
+                f"{where}.id",
+            )
+        ids.append(raw)
+    return tuple(ids)
+
+
+def summarize(payload: Any) -> tuple[str, int, int | None, tuple[int, ...]]:
+    """(action, project id, task id, annotation ids) of a webhook body; EventError names
+    the field of a body that is not a Label Studio event (nothing of it is recorded)."""
+    if not isinstance(payload, dict):
+        raise EventError(
+            'a webhook body must be a JSON object with an "action", e.g. {"action": "START_TRAINING", "project": 3}'
+        )
+    action = payload.get("action")
+    if not isinstance(action, str):
+        what = "missing" if action is None else f"{_json_type(action)}, not text"
+        raise EventError(
+            f'"action" is {what}: a webhook body needs an "action" such as "ANNOTATION_CREATED" '
+            'or "START_TRAINING"',
+            "action",
+        )
+    if not _ACTION.fullmatch(action):
+        raise EventError(
+            f'"action" {action[:40]!r} is not a Label Studio action: send one such as '
+            '"ANNOTATION_CREATED" or "START_TRAINING" (capitals and underscores)',
+            "action",
+        )
+    task = payload.get("task")
+    if task is not None and not isinstance(task, dict):
+        raise EventError(
+            f'"task" is {_json_type(task)}; Label Studio sends the task object', "task"
+        )
+    task_ids = _ids(task, "task") if task is not None else ()
+    annotation_ids: tuple[int, ...] = ()
+    for key in ("annotation", "annotations"):
+        if payload.get(key) is not None:
+            annotation_ids = _ids(payload[key], key)
+            break
+    if (
+        payload.get("project") is None
+        and isinstance(task, dict)
+        and task.get("project") is not None
+    ):
+        project_id = parse_project_id(task.get("project"), "task.project")
+    else:
+        project_id = parse_project_id(payload.get("project"))
+    return action, project_id, (task_ids[0] if task_ids else None), annotation_ids
 
 
 class EventLog:
@@ -128,6 +229,19 @@ class EventLog:
             )
         assert cursor.lastrowid is not None  # set by every INSERT
         return Event(cursor.lastrowid, now, action, project_id, task_id, annotation_ids)
+
+    def connect(self, project_id: int, via: str) -> None:
+        """Remember that a project talks to this backend (Label Studio's /setup, /predict)."""
+        with self._connect() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO projects (id, connected_at, via) VALUES (?, ?, ?)",
+                (project_id, time.time(), via),
+            )
+
+    def is_connected(self, project_id: int) -> bool:
+        with self._connect() as db:
+            row = db.execute("SELECT 1 FROM projects WHERE id = ?", (project_id,)).fetchone()
+        return row is not None
 
     def events(
         self, project_id: int | None = None, after_id: int = 0, limit: int | None = None

@@ -23,12 +23,84 @@ from typing import Any
 from training.label_config import Schema
 
 
-class TaskDataError(ValueError):
-    """A task lacks what the label config reads; the message names the task and field."""
+class InputError(ValueError):
+    """A request field the backend cannot use: `field` names it (a JSON path such as
+    "tasks[0].data.prompt"), the message says what is wrong and what to send instead."""
 
-    def __init__(self, task_id: Any, message: str) -> None:
-        super().__init__(f"task {task_id}: {message}")
+    status = 400
+
+    def __init__(self, message: str, field: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        if status is not None:
+            self.status = status
+
+
+class TaskDataError(InputError):
+    """A task lacks what the label config reads, or holds it with the wrong type; the
+    message names the task and field, and `field` is its path in the task."""
+
+    status = 422
+
+    def __init__(self, task_id: Any, message: str, field: str = "data") -> None:
+        super().__init__(f"task {task_id}: {message}", field)
         self.task_id = task_id
+
+
+def describe_type(value: Any) -> str:
+    """A JSON value's type in words, for messages about wrong types."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return "a string" if isinstance(value, str) else "null"
+
+
+def task_data(task: dict) -> dict:
+    """A task's "data" object; TaskDataError if it is missing or not an object."""
+    data = task.get("data")
+    if not isinstance(data, dict):
+        what = "missing" if data is None else f"{describe_type(data)}, not an object"
+        raise TaskDataError(
+            task.get("id"),
+            f'"data" is {what}; a task\'s data is an object of fields, e.g. {{"prompt": "..."}}',
+        )
+    return data
+
+
+def _text(task: dict, data: dict, name: str, what: str) -> str:
+    """A text field of the task's data: TaskDataError for a missing one or a wrong type."""
+    value = data.get(name)
+    field = f"data.{name}"
+    if value is None:
+        raise TaskDataError(
+            task.get("id"), f"has no field {name!r}; the label config reads ${name}{what}", field
+        )
+    if not isinstance(value, str):
+        raise TaskDataError(
+            task.get("id"),
+            f"field {name!r} is {describe_type(value)}, not text; the label config shows ${name} as text",
+            field,
+        )
+    if not _encodable(value):
+        raise TaskDataError(
+            task.get("id"),
+            f"field {name!r} holds invalid Unicode (a lone surrogate); send UTF-8 text",
+            field,
+        )
+    return value
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -42,55 +114,67 @@ def sigmoid(x: float) -> float:
 
 
 def task_prompt(task: dict, schema: Schema, max_chars: int) -> str:
-    data = task.get("data") or {}
-    prompt = data.get(schema.prompt_field)
-    if not isinstance(prompt, str) or not prompt.strip():
+    data = task_data(task)
+    prompt = _text(task, data, schema.prompt_field, "")
+    field = f"data.{schema.prompt_field}"
+    if not prompt.strip():
         raise TaskDataError(
             task.get("id"),
-            f"has no field {schema.prompt_field!r}; the label config reads ${schema.prompt_field}",
+            f"field {schema.prompt_field!r} is empty; the label config reads ${schema.prompt_field}",
+            field,
         )
     if len(prompt) > max_chars:
         raise TaskDataError(
             task.get("id"),
             f"prompt is {len(prompt)} characters, over the limit of {max_chars} "
             f"(LS_RLHF_MAX_PROMPT_CHARS); shorten it or raise the limit",
+            field,
         )
     return prompt
 
 
 def task_answers(task: dict, schema: Schema) -> list[Answer]:
     """The answers a task shows, in display order; empty for demonstration configs."""
-    data = task.get("data") or {}
+    data = task_data(task)
     tid = task.get("id")
     if schema.list_field:
         items = data.get(schema.list_field)
+        field = f"data.{schema.list_field}"
         if not isinstance(items, list) or not items:
+            what = (
+                "has no list"
+                if items is None or items == []
+                else f"has {describe_type(items)}, not a list,"
+            )
             raise TaskDataError(
                 tid,
-                f"has no list {schema.list_field!r} of answers; the label config reads ${schema.list_field} "
+                f"{what} {schema.list_field!r} of answers; the label config reads ${schema.list_field} "
                 f'(items like {{"id": "a1", "title": "Answer 1", "body": "..."}}); '
                 f"`ls-rlhf generate` fills it",
+                field,
             )
         answers = []
         for i, item in enumerate(items):
+            body = item.get("body") if isinstance(item, dict) else None
             if (
                 not isinstance(item, dict)
-                or "id" not in item
-                or not isinstance(item.get("body"), str)
+                or not isinstance(item.get("id"), (str, int))
+                or isinstance(item.get("id"), bool)
+                or not isinstance(body, str)
+                or not _encodable(body)
+                or not _encodable(str(item["id"]))
             ):
                 raise TaskDataError(
-                    tid, f"item {i} of {schema.list_field!r} needs an 'id' and a text 'body'"
+                    tid,
+                    f"item {i} of {schema.list_field!r} needs an 'id' (text or a number) and a "
+                    "text 'body'",
+                    f"{field}[{i}]",
                 )
-            answers.append(Answer(str(item["id"]), item["body"]))
+            answers.append(Answer(str(item["id"]), body))
         return answers
     answers = []
     for tag, name in zip(schema.answer_tags, schema.answer_fields, strict=True):
-        text = data.get(name)
-        if not isinstance(text, str):
-            raise TaskDataError(
-                tid,
-                f"has no field {name!r}; the label config reads ${name} (`ls-rlhf generate` fills it)",
-            )
+        text = _text(task, data, name, " (`ls-rlhf generate` fills it)")
         answers.append(Answer(tag, text))
     return answers
 

@@ -287,6 +287,7 @@ def test_versions_train_and_metrics(settings, tiny_reward_backbone_dir):
         and "reward-v1" in listing["versions"]
     )
     assert client.post("/versions", json={"kind": "reward", "version": "v9"}).status_code == 404
+    client.post("/setup", json={"project": "3.17"})  # Label Studio connects the project first
     job = client.post("/train", json={"project": "3.17"}).get_json()
     assert isinstance(job["job"], int)
     predict(client, [pairwise_task(1)])

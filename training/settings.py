@@ -77,6 +77,20 @@ class Settings:
             "is delivered through Label Studio's API (its own timeout is 100 s)."
         },
     )
+    max_request_bytes: int = field(
+        default=10_000_000,
+        metadata={
+            "help": "Largest request body the backend reads; a larger one is answered 413 "
+            "with a JSON error."
+        },
+    )
+    max_predict_tasks: int = field(
+        default=1000,
+        metadata={
+            "help": "Most tasks one /predict may carry; more are answered 413 (send them in "
+            "smaller batches)."
+        },
+    )
     dtype: str = field(
         default="auto",
         metadata={
@@ -181,6 +195,11 @@ class Settings:
             raise SettingsError(
                 f"{ENV_PREFIX}MAX_NEW_TOKENS must be at least 1, not {self.max_new_tokens}"
             )
+        for name in ("max_request_bytes", "max_predict_tasks"):
+            if getattr(self, name) < 1:
+                raise SettingsError(
+                    f"{ENV_PREFIX}{name.upper()} must be at least 1, not {getattr(self, name)}"
+                )
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise SettingsError(
                 f"{ENV_PREFIX}DTYPE must be auto, float32 or bfloat16, not {self.dtype!r}"
