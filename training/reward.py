@@ -197,7 +197,12 @@ def longer_answer_accuracy(dataset: Dataset) -> float:
 
 @dataclass
 class RewardTrainingConfig:
-    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate."})
+    learning_rate: float = field(
+        default=2e-4,
+        metadata={
+            "help": "AdamW peak learning rate (chosen on a validation split; docs/benchmarks.md)."
+        },
+    )
     num_train_epochs: float = field(
         default=2.0,
         metadata={
