@@ -4,18 +4,22 @@ The webhook that triggered the job is not read here: the data comes from Label S
 export API with the configured key, so a forged webhook can at most cause a run on the
 project's real annotations.
 
-Step budget: the first reward model trains for `RewardTrainingConfig`'s default epochs;
-later runs warm-start from the served version and need far fewer steps to take in the
-new annotations (one pass over the pairs, at most `LOOP_MAX_STEPS` steps), which is what
-keeps the time from annotation to served version short (see bench/loop.py).
+Step budget: the first reward model trains for `RewardTrainingConfig`'s default epochs
+(stopping early on its validation split); later runs warm-start from the served version on
+the pairs it has not learned from plus as many replayed ones (`new_and_replayed`: each
+version lists the pairs it trained on), one pass of at most `LOOP_MAX_STEPS` steps, which is
+what keeps the time from annotation to served version short (see bench/loop.py).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Callable
 from typing import Any
+
+from datasets import Dataset
 
 from ml_backend.jobs import Job, JobStore, execute_job
 from training.datasets import preference_dataset, split_by_prompt
@@ -23,13 +27,14 @@ from training.export import prompts_from_tasks, pull_export
 from training.feedback import parse_export
 from training.models import resolve_reward_backbone
 from training.registry import Registry
-from training.reward import RewardTrainingConfig, train_reward
+from training.reward import RewardTrainingConfig, pair_key, train_reward, trained_pairs
 from training.settings import Settings
 
 log = logging.getLogger(__name__)
 
 MIN_PAIRS = 8
 LOOP_MAX_STEPS = 12
+REPLAY_MIN = 32
 HELD_OUT_FRACTION = 0.2
 
 
@@ -44,7 +49,14 @@ def run_training(
     if not key and access:
         url, key = access
     progress(0.02, "pulling annotations from Label Studio")
-    tasks, config = pull_export(url, key, job.project_id)
+    tasks, config = pull_export(
+        url,
+        key,
+        job.project_id,
+        attempts=settings.export_attempts,
+        backoff=settings.export_backoff_seconds,
+        request_timeout=settings.label_studio_timeout_seconds,
+    )
     parsed = parse_export(tasks, config)
     pairs = preference_dataset(parsed.records)
     summary = {"tasks": len(tasks), "pairs": len(pairs), "problems": len(parsed.problems)}
@@ -59,14 +71,18 @@ def run_training(
     train_config = RewardTrainingConfig(seed=settings.seed, warm_start=warm)
     if settings.reward_max_steps > 0:
         train_config.max_steps = settings.reward_max_steps
+    fit = split["train"]
     if warm:
-        groups = len(set(split["train"]["prompt"]))  # a step takes whole prompt groups
+        current = registry.current("reward")
+        assert current is not None
+        fit = new_and_replayed(fit, trained_pairs(current.path), settings.seed)
+        groups = len(set(fit["prompt"]))  # a step takes whole prompt groups
         steps_per_epoch = math.ceil(groups / train_config.per_device_train_batch_size)
         train_config.max_steps = min(steps_per_epoch, LOOP_MAX_STEPS)
         train_config.eval_steps = 0  # judged once at the end, against the served version
     progress(0.1, "training the reward model")
     result = train_reward(
-        split["train"],
+        fit,
         split["test"],
         registry,
         resolve_reward_backbone(settings.reward_backbone),
@@ -102,6 +118,24 @@ def run_training(
             metrics["next_round_tasks"] = created
             metrics["message"] += f"; {created} new tasks from it"
     return metrics
+
+
+def new_and_replayed(pairs: Dataset, seen: set[str], seed: int) -> Dataset:
+    """The pairs a warm start trains on: every pair the served version has not learned from,
+    and as many of the ones it has (at least REPLAY_MIN), drawn at random, so that the new
+    annotations are always in the few steps a loop run takes and the old are not forgotten.
+    A served version that recorded nothing (older than this rule) gets all pairs."""
+    keys = [
+        pair_key(*row)
+        for row in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"], strict=True)
+    ]
+    new = [i for i, key in enumerate(keys) if key not in seen]
+    old = [i for i, key in enumerate(keys) if key in seen]
+    if not seen or not new:
+        return pairs
+    replay = random.Random(seed).sample(old, min(len(old), max(len(new), REPLAY_MIN)))
+    log.info("warm start on %d new pairs and %d replayed ones", len(new), len(replay))
+    return pairs.select(sorted(new + replay))
 
 
 def policy_step(

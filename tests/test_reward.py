@@ -252,3 +252,35 @@ def test_a_decoder_with_a_score_head_trains_as_a_reward_model(tmp_path, tiny_pol
     together = model.score(prompts, answers, batch_size=2)
     alone = [model.score([p], [a])[0] for p, a in zip(prompts, answers, strict=True)]
     assert together == pytest.approx(alone, abs=1e-5)
+
+
+def test_a_warm_start_trains_on_every_new_pair_and_a_replay_of_old_ones(
+    tmp_path, tiny_reward_backbone_dir
+):
+    from datasets import concatenate_datasets
+
+    from ml_backend.training_job import REPLAY_MIN, new_and_replayed
+    from training.reward import pair_key, trained_pairs
+
+    first = synthetic_pairs(60, 0)
+    result = train_reward(
+        first,
+        synthetic_pairs(10, 1),
+        Registry(tmp_path),
+        str(tiny_reward_backbone_dir),
+        RewardTrainingConfig(max_steps=2, max_length=64),
+    )
+    seen = trained_pairs(result.version.path)
+    assert seen == {
+        pair_key(*row)
+        for row in zip(first["prompt"], first["chosen"], first["rejected"], strict=True)
+    }
+
+    new = synthetic_pairs(65, 2).select(range(60, 65))  # prompts 60-64: not in the first set
+    fit = new_and_replayed(concatenate_datasets([first, new]), seen, seed=0)
+    prompts = set(fit["prompt"])
+    assert set(new["prompt"]) <= prompts  # every new annotation is trained on
+    assert len(fit) == len(new) + REPLAY_MIN and len(prompts & set(first["prompt"])) == REPLAY_MIN
+    # Nothing recorded (a version from before this rule) or nothing new: all pairs.
+    assert len(new_and_replayed(first, set(), seed=0)) == len(first)
+    assert len(new_and_replayed(first, seen, seed=0)) == len(first)

@@ -493,6 +493,19 @@ class _Progress(TrainerCallback):
             self.report(state.global_step / state.max_steps)
 
 
+TRAINED_PAIRS_FILE = "trained_pairs.txt"
+
+
+def pair_key(prompt: str, chosen: str, rejected: str) -> str:
+    return hashlib.sha256(json.dumps([prompt, chosen, rejected]).encode()).hexdigest()[:16]
+
+
+def trained_pairs(version_path: Path) -> set[str]:
+    """Keys (`pair_key`) of the pairs a version was trained on; empty for older versions."""
+    path = Path(version_path) / TRAINED_PAIRS_FILE
+    return set(path.read_text().split()) if path.is_file() else set()
+
+
 def fingerprint(dataset: Dataset) -> str:
     digest = hashlib.sha256()
     for row in zip(dataset["prompt"], dataset["chosen"], dataset["rejected"], strict=True):
@@ -576,6 +589,13 @@ def train_reward(
 
         model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
+        # What this version learned from, so a warm start can tell new annotations from old.
+        (staged / TRAINED_PAIRS_FILE).write_text(
+            "".join(
+                f"{pair_key(*row)}\n"
+                for row in zip(train["prompt"], train["chosen"], train["rejected"], strict=True)
+            )
+        )
         shutil.rmtree(staged / "trainer", ignore_errors=True)
         # Judged as it will be served: reloaded from the folder, in the serving precision.
         served = RewardModel.load(staged, config.max_length, dtype=config.dtype)
