@@ -166,6 +166,7 @@ def test_the_loop_trains_the_policy_and_writes_the_next_round_of_tasks(
         request=to_label_studio_tasks(load_finegrained(finegrained_path)[:4], "pairwise"),
     )
     before = len(list(ls_client.tasks.list(project=project.id)))
+    requests.post(f"{backend.url}/setup", json={"project": project.id}, timeout=5)
     requests.post(
         f"{backend.url}/webhook",
         json={"action": "START_TRAINING", "project": {"id": project.id}},

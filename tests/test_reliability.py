@@ -72,6 +72,7 @@ def test_sigkill_during_training_leaves_the_served_version_and_the_restart_finis
     add_reward_version(settings, tiny_reward_backbone_dir)  # v1 is served
     project = _project_with_annotations(make_project, ls_client, finegrained_path)
     backend = start_backend(settings)
+    requests.post(f"{backend.url}/setup", json={"project": project.id}, timeout=5)
     requests.post(
         f"{backend.url}/webhook",
         json={"action": "START_TRAINING", "project": {"id": project.id}},
@@ -116,6 +117,7 @@ def test_a_training_that_raises_keeps_the_served_version_and_the_event_log(
     )
     add_reward_version(settings, tiny_reward_backbone_dir)
     backend = start_backend(settings)
+    requests.post(f"{backend.url}/setup", json={"project": 1}, timeout=5)
     for i in range(5):
         requests.post(
             f"{backend.url}/webhook",
@@ -199,6 +201,7 @@ def test_jobs_go_through_redis_to_a_separate_worker(
     )
     project = _project_with_annotations(make_project, ls_client, finegrained_path, n=6)
     backend = start_backend(settings)
+    requests.post(f"{backend.url}/setup", json={"project": project.id}, timeout=5)
     answer = requests.post(
         f"{backend.url}/webhook",
         json={"action": "START_TRAINING", "project": {"id": project.id}},
