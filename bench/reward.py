@@ -110,6 +110,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="override: questions per step")
     parser.add_argument("--max-length", type=int, help="override: tokens per (prompt, answer)")
     parser.add_argument(
+        "--train-top-layers", type=int, help="override: partial fine-tuning of the top N layers"
+    )
+    parser.add_argument(
         "--passage-chars",
         type=int,
         default=0,
@@ -152,6 +155,7 @@ def main() -> None:
         "num_train_epochs": args.epochs,
         "per_device_train_batch_size": args.batch_size,
         "max_length": args.max_length,
+        "train_top_layers": args.train_top_layers,
     }
     for name in args.presets.split(","):
         config = replace(

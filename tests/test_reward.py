@@ -9,7 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from training.models import load_tokenizer
+from training.models import load_sequence_classifier, load_tokenizer
 from training.registry import Registry
 from training.reward import (
     RewardModel,
@@ -284,3 +284,30 @@ def test_a_warm_start_trains_on_every_new_pair_and_a_replay_of_old_ones(
     # Nothing recorded (a version from before this rule) or nothing new: all pairs.
     assert len(new_and_replayed(first, set(), seed=0)) == len(first)
     assert len(new_and_replayed(first, seen, seed=0)) == len(first)
+
+
+def test_partial_fine_tuning_trains_only_the_top_layers_and_the_head(
+    tmp_path, tiny_reward_backbone_dir
+):
+    from training.reward import freeze_below_top_layers
+
+    model, _ = load_sequence_classifier(str(tiny_reward_backbone_dir))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    freeze_below_top_layers(model, 1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    layers = sorted({n.split(".layer.")[1].split(".")[0] for n in before if ".layer." in n})
+    top = layers[-1]
+    assert trainable and all(f".layer.{top}." in n or ".layer." not in n for n in trainable)
+    assert not any("embeddings" in n for n in trainable)
+    assert any("classifier" in n or "score" in n for n in trainable)
+
+    result = train_reward(
+        synthetic_pairs(40, 0),
+        synthetic_pairs(10, 1),
+        Registry(tmp_path),
+        str(tiny_reward_backbone_dir),
+        RewardTrainingConfig(max_steps=3, max_length=64, learning_rate=1e-3, train_top_layers=1),
+    )
+    trained, _ = load_sequence_classifier(str(result.version.path))
+    moved = {n for n, p in trained.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= trainable

@@ -245,6 +245,14 @@ class RewardTrainingConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Trade compute for memory (large backbones on a GPU)."}
     )
+    train_top_layers: int = field(
+        default=0,
+        metadata={
+            "help": "Partial fine-tuning: train only the top N transformer layers and the score "
+            "head, the rest frozen (0 = all layers). Backward then stops at layer N from the "
+            "top, so a step of a large backbone costs little more than its forward pass."
+        },
+    )
     validation_fraction: float = field(
         default=0.1,
         metadata={
@@ -541,6 +549,8 @@ def train_reward(
     current = registry.current("reward")
     start_from = str(current.path) if (config.warm_start and current) else backbone
     model, tokenizer = load_sequence_classifier(start_from)
+    if config.train_top_layers > 0:
+        freeze_below_top_layers(model, config.train_top_layers)
     accuracy_before = pairwise_accuracy(
         RewardModel(model, tokenizer, "before", config.max_length, autocast=bf16), eval
     )
@@ -651,6 +661,25 @@ def train_reward(
 
 
 MIN_VALIDATION_PAIRS = 8
+
+
+def freeze_below_top_layers(model: torch.nn.Module, top: int) -> None:
+    """Freeze every parameter except the top `top` transformer layers, the final norm and
+    the head: the layers are the longest ModuleList in the model (BERT's encoder.layer,
+    Llama's model.layers, GPT-2's transformer.h)."""
+    layer_lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not layer_lists:
+        raise ValueError(f"{type(model).__name__} has no list of layers to freeze below")
+    layers = max(layer_lists, key=len)
+    trainable = {id(p) for layer in list(layers)[-top:] for p in layer.parameters()}
+    inside_layers = {id(p) for p in layers.parameters()}
+    embeddings = {id(p) for p in cast(Any, model).get_input_embeddings().parameters()}
+    for parameter in model.parameters():
+        # Outside the layer stack only the embeddings freeze: the head and final norm train.
+        if id(parameter) in inside_layers:
+            parameter.requires_grad_(id(parameter) in trainable)
+        elif id(parameter) in embeddings:
+            parameter.requires_grad_(False)
 
 
 def _validation_split(
