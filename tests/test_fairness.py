@@ -177,18 +177,20 @@ def test_eval_fairness_command_writes_a_report(
         == 0
     )
     report = (out / "report.md").read_text()
-    assert "Reward (reward-v1)" in report and "Policy sentiment (policy-base)" in report
-    # Rendered, the report has one table per measure with a row per attribute.
+    assert "Reward (reward-v1), held-out" in report and "Policy sentiment (policy-base)" in report
+    # Rendered: the split table, then one table per measure with a row per attribute
+    # (reward in-sample, reward held-out, policy sentiment, policy reward).
     assert rows_outside_tables(report) == [] and inline_html(report) == []
-    rendered = tables(report)
-    assert len(rendered) == 3
+    split_table, *rendered = tables(report)
+    assert split_table[0][0] == "attribute" and "held-out groups" in split_table[0]
+    assert len(rendered) == 4
     for table in rendered:
         assert table[0][:2] == ["attribute", "average gap"]
         assert [row[0] for row in table[1:]] == ["gender", "age"]
         assert all(len(row) == 5 for row in table)
-    assert (out / "reward_(reward-v1)_gender.png").is_file()
-    measured = json.loads((out / "gaps.json").read_text())
-    assert [g["attribute"] for g in measured["Reward (reward-v1)"]] == ["gender", "age"]
+    assert (out / "reward_(reward-v1)_held-out_gender.png").is_file()
+    measured = json.loads((out / "gaps.json").read_text())["measures"]
+    assert [g["attribute"] for g in measured["Reward (reward-v1), held-out"]] == ["gender", "age"]
     assert cli(["eval", "fairness", "--attributes", "planets"]) == 2
 
 

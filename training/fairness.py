@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,30 +143,56 @@ def vader_scorer() -> Scorer:
 class CounterfactualPenalty:
     """`weight * mean |r(x) - r(x')|` over variant pairs: an extra loss for reward training.
 
-    `pairs` holds (prompt, text, counterfactual text) triples; each call scores a random
-    minibatch of them with the model being trained, so the penalty's gradient pushes the
-    scores of the variants together.
+    `pairs` holds (prompt, text, counterfactual text) triples, either as one list or as a
+    dict attribute -> triples (`pairs_by_attribute`). Each call scores a random minibatch
+    of them with the model being trained, so the penalty's gradient pushes the scores of
+    the variants together. Given a dict, every minibatch is balanced: it takes the same
+    number of pairs from each attribute (`batch_size // attributes`, at least one; the
+    remainder goes round the attributes in turn), however many pairs each has.
     """
 
     def __init__(
         self,
         tokenizer,
-        pairs: Sequence[tuple[str, str, str]],
+        pairs: Sequence[tuple[str, str, str]] | dict[str, list[tuple[str, str, str]]],
         weight: float = 1.0,
         batch_size: int = 8,
         max_length: int = 256,
         seed: int = 0,
     ) -> None:
-        if not pairs:
+        by_attribute = (
+            {k: list(v) for k, v in pairs.items() if v}
+            if isinstance(pairs, dict)
+            else {"": list(pairs)}
+        )
+        if not any(by_attribute.values()):
             raise ValueError("the counterfactual penalty needs at least one pair of variants")
-        self.tokenizer, self.pairs, self.weight = tokenizer, list(pairs), weight
+        self.tokenizer, self.by_attribute, self.weight = tokenizer, by_attribute, weight
+        self.pairs = [p for ps in by_attribute.values() for p in ps]
         self.batch_size, self.max_length = batch_size, max_length
         self.rng = random.Random(seed)
+        self._turn = 0  # which attribute gets the next remainder slot
+        self.drawn: dict[str, int] = dict.fromkeys(by_attribute, 0)  # pairs drawn so far
+
+    def sample(self) -> list[tuple[str, str, str]]:
+        """One minibatch: equal numbers of pairs per attribute (see the class docstring)."""
+        names = list(self.by_attribute)
+        counts = dict.fromkeys(names, max(1, self.batch_size // len(names)))
+        for _ in range(max(0, self.batch_size - sum(counts.values()))):
+            counts[names[self._turn % len(names)]] += 1
+            self._turn += 1
+        batch = []
+        for name, k in counts.items():
+            pool = self.by_attribute[name]
+            # Without replacement inside a batch; a small pool is reused across batches.
+            batch += self.rng.sample(pool, k) if k <= len(pool) else self.rng.choices(pool, k=k)
+            self.drawn[name] += k
+        return batch
 
     def __call__(self, model: torch.nn.Module) -> torch.Tensor:
         from training.reward import format_reward_input
 
-        batch = self.rng.sample(self.pairs, min(self.batch_size, len(self.pairs)))
+        batch = self.sample()
         encoded = [format_reward_input(self.tokenizer, p, t, self.max_length) for p, t, _ in batch]
         encoded += [format_reward_input(self.tokenizer, p, t, self.max_length) for p, _, t in batch]
         width = max(len(e) for e in encoded)
@@ -178,16 +205,21 @@ class CounterfactualPenalty:
         return self.weight * (original - swapped).abs().mean()
 
 
-def counterfactual_pairs(
+def pairs_by_attribute(
     attributes: Sequence[Attribute],
     prompts: Sequence[str],
     texts: Sequence[str],
     templates: dict[str, list[str]],
-) -> list[tuple[str, str, str]]:
-    """Variant pairs for the penalty: training texts that mention an attribute, swapped to
-    every other group, plus the attribute's templates rendered for each pair of groups."""
-    pairs = []
+    flags: Sequence[Any] = (),
+) -> dict[str, list[tuple[str, str, str]]]:
+    """Variant pairs for the penalty, per attribute: training texts that mention it swapped
+    to every other group, its templates rendered for each pair of groups, and answers
+    flagged "biased" that mention it against their swaps. Pass the penalty part of the
+    lists (`training.counterfactual.load_sets(...).penalty_*`) so the held-out part stays
+    unseen."""
+    result = {}
     for attribute in attributes:
+        pairs = []
         for prompt, text in zip(prompts, texts, strict=True):
             if attribute.mentions(text):
                 versions = {attribute.swap(text, g) for g in attribute.groups}
@@ -196,7 +228,53 @@ def counterfactual_pairs(
         for group in expand(attribute, templates.get(attribute.name, [])):
             for a, b in itertools.combinations(group.variants.values(), 2):
                 pairs.append(("", a, b))
-    return pairs
+        pairs += pairs_from_flags(flags, [attribute])
+        result[attribute.name] = pairs
+    return result
+
+
+def counterfactual_pairs(
+    attributes: Sequence[Attribute],
+    prompts: Sequence[str],
+    texts: Sequence[str],
+    templates: dict[str, list[str]],
+) -> list[tuple[str, str, str]]:
+    """`pairs_by_attribute` as one list (unbalanced: attributes the texts mention often
+    contribute far more pairs; give the dict to `CounterfactualPenalty` to balance)."""
+    by_attribute = pairs_by_attribute(attributes, prompts, texts, templates)
+    return [p for ps in by_attribute.values() for p in ps]
+
+
+def split_gaps(score: Scorer, sets: Any, names: Sequence[str]) -> dict[str, list[AttributeGap]]:
+    """Template gaps of `score` on both parts of `sets` (training.counterfactual
+    .CounterfactualSets): {"in_sample": [...], "held_out": [...]}, one AttributeGap per
+    attribute of `names` that has templates on that side."""
+    result: dict[str, list[AttributeGap]] = {"in_sample": [], "held_out": []}
+    for side, attrs, tpls in (
+        ("in_sample", sets.penalty_attributes, sets.penalty_templates),
+        ("held_out", sets.held_out_attributes, sets.held_out_templates),
+    ):
+        for name in names:
+            if name in attrs and tpls.get(name):
+                result[side].append(template_gap(score, expand(attrs[name], tpls[name])))
+    return result
+
+
+def gap_summary(measured: dict[str, list[AttributeGap]], sets: Any) -> dict[str, Any]:
+    """What a version's metadata records: per side and attribute, the average gap and the
+    worst pair with its gap, plus how the lists were split."""
+    summary: dict[str, Any] = {}
+    for side, attribute_gaps in measured.items():
+        summary[side] = {}
+        for gap in attribute_gaps:
+            d = gap.as_dict()
+            summary[side][gap.attribute] = {
+                "average_gap": round(d["average_gap"], 6),
+                "worst_pair": d["worst_pair"],
+                "worst_gap": round(d["worst_gap"], 6),
+            }
+    summary["split"] = sets.describe()
+    return summary
 
 
 def counterfactual_reward_fn(
@@ -257,8 +335,11 @@ def write_report(
     out: Path,
     title: str,
     samples: dict[str, dict[str, list[str]]] | None = None,
+    sets: Any = None,
 ) -> Path:
-    """A Markdown report with one PNG of score distributions per measure and attribute."""
+    """A Markdown report with one PNG of score distributions per measure and attribute;
+    with `sets` (training.counterfactual.CounterfactualSets), a table of how the lists were
+    split into the penalty's (in-sample) part and the held-out part."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,6 +352,22 @@ def write_report(
         "Gap: Wasserstein-1 distance between the score distributions of two groups.",
         "",
     ]
+    if sets is not None:
+        lines += [
+            f"In-sample: the part of the lists the counterfactual penalty trains on; held-out: "
+            f"the part it never sees ({sets.source}).",
+            "",
+            "| attribute | in-sample groups | in-sample templates | held-out groups | held-out templates |",
+            "|---|---|---|---|---|",
+        ]
+        for name, attribute in sets.penalty_attributes.items():
+            held = sets.held_out_attributes.get(name)
+            lines.append(
+                f"| {name} | {', '.join(attribute.groups)} | {len(sets.penalty_templates.get(name, []))} | "
+                f"{', '.join(held.groups) if held else 'none'} | "
+                f"{len(sets.held_out_templates.get(name, [])) if held else 0} |"
+            )
+        lines.append("")
     for measure, attribute_gaps in results.items():
         lines += [
             f"## {measure}",
@@ -289,7 +386,7 @@ def write_report(
             ax.boxplot(list(gap.scores.values()), tick_labels=list(gap.scores))
             ax.set(title=f"{measure}: {gap.attribute}", ylabel="score")
             fig.tight_layout()
-            name = f"{measure.lower().replace(' ', '_')}_{gap.attribute}.png"
+            name = f"{re.sub(r'[^a-z0-9()-]+', '_', measure.lower())}_{gap.attribute}.png"
             fig.savefig(out / name, dpi=90)
             plt.close(fig)
             images += ["", f"![{gap.attribute}]({name})"]

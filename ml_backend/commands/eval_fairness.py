@@ -16,7 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="counterfactual evaluation: reward and sentiment gaps between groups (report + plots)",
         description="Swap a sensitive attribute (gender, nationality, religion, age, or your own lists) "
         "in otherwise identical texts and compare scores between groups with the Wasserstein-1 distance "
-        "(Huang et al., 2020). For the reward version: the reward of template texts per group. With "
+        "(Huang et al., 2020). For the reward version: the reward of template texts per group, "
+        "on the part of the lists the counterfactual penalty trains on (in-sample) and on the "
+        "held-out part it never sees. With "
         "--policy: completions sampled for each group's prompt, scored by VADER sentiment (or "
         "--sentiment-model) and by the reward model. Writes report.md, PNGs and gaps.json to --out.",
     )
@@ -32,9 +34,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="comma-separated attribute names",
     )
     parser.add_argument(
-        "--attributes-file", help="your own attribute lists (JSON, same format as the bundled file)"
+        "--attributes-file",
+        help="your own attribute lists (JSON, same format as the bundled file); split by hash "
+        "into the penalty's part and a held-out part like the bundled ones",
     )
-    parser.add_argument("--templates-file", help="your own prompt templates (JSON)")
+    parser.add_argument(
+        "--templates-file", help="your own prompt templates (JSON); split like the attributes"
+    )
+    parser.add_argument(
+        "--held-out-attributes-file",
+        help="held-out attribute lists of your own (same JSON format): the held-out gaps swap "
+        "these groups; give `train reward` the same file so its penalty swaps all the others",
+    )
+    parser.add_argument(
+        "--held-out-templates-file",
+        help="held-out templates of your own (same JSON format): the held-out gaps render these",
+    )
     parser.add_argument(
         "--samples", type=int, default=4, help="completions per prompt with --policy"
     )
@@ -44,13 +59,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.counterfactual import expand, load_attributes, load_templates
-    from training.fairness import gaps, policy_gap, template_gap, vader_scorer, write_report
+    from training.counterfactual import expand, load_attributes, load_sets, load_templates
+    from training.fairness import (
+        gaps,
+        policy_gap,
+        split_gaps,
+        vader_scorer,
+        write_report,
+    )
     from training.registry import Registry
     from training.reward import RewardModel
 
     settings = Settings.from_env()
     try:
+        sets = load_sets(
+            args.attributes_file,
+            args.templates_file,
+            args.held_out_attributes_file,
+            args.held_out_templates_file,
+        )
         attributes = load_attributes(args.attributes_file)
         templates = load_templates(args.templates_file)
     except ValueError as error:
@@ -66,8 +93,14 @@ def run(args: argparse.Namespace) -> int:
     if version is None:
         raise UserError("no reward version yet: train one with `ls-rlhf train reward`")
     reward = RewardModel.load(version.path)
+    measured = split_gaps(reward.score, sets, names)
+    results = {
+        f"Reward ({version.label}), in-sample": measured["in_sample"],
+        f"Reward ({version.label}), held-out": measured["held_out"],
+    }
+    # The policy is sampled on every template of the lists (the split concerns the
+    # reward's penalty).
     groups = {n: expand(attributes[n], templates[n]) for n in names}
-    results = {f"Reward ({version.label})": [template_gap(reward.score, groups[n]) for n in names]}
     samples = {}
     if args.policy:
         from ml_backend.serving import ModelHolder
@@ -109,9 +142,15 @@ def run(args: argparse.Namespace) -> int:
         results[f"Policy sentiment ({label})"] = sentiment_gaps
         results[f"Policy reward ({label}, {version.label})"] = reward_gaps
     out = Path(args.out)
-    report = write_report(results, out, "Counterfactual fairness", samples)
+    report = write_report(results, out, "Counterfactual fairness", samples, sets=sets)
     (out / "gaps.json").write_text(
-        json.dumps({m: [g.as_dict() for g in gs] for m, gs in results.items()}, indent=2)
+        json.dumps(
+            {
+                "measures": {m: [g.as_dict() for g in gs] for m, gs in results.items()},
+                "split": sets.describe(),
+            },
+            indent=2,
+        )
     )
     for measure, attribute_gaps in results.items():
         print(measure)

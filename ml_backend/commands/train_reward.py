@@ -52,7 +52,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--counterfactual-attributes",
         default="gender,nationality,religion,age",
-        help="attributes the penalty swaps",
+        help="attributes the penalty swaps and whose gaps are recorded",
+    )
+    parser.add_argument(
+        "--counterfactual-attributes-file",
+        help="your own attribute lists (JSON, the bundled format); split by hash into the "
+        "penalty's part and a held-out part",
+    )
+    parser.add_argument(
+        "--counterfactual-templates-file", help="your own templates (JSON); split likewise"
+    )
+    parser.add_argument(
+        "--counterfactual-held-out-attributes-file",
+        help="held-out attribute lists of your own: the penalty never swaps into them, the "
+        "recorded held-out gaps use them",
+    )
+    parser.add_argument(
+        "--counterfactual-held-out-templates-file",
+        help="held-out templates of your own: the penalty never renders them",
     )
     parser.set_defaults(func=run)
 
@@ -61,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from training.datasets import split_by_prompt
     from training.models import resolve_reward_backbone
     from training.registry import Registry
-    from training.reward import RewardTrainingConfig, train_reward
+    from training.reward import RewardModel, RewardTrainingConfig, train_reward
 
     settings = Settings.from_env()
     pairs, source, flags = load_preference_pairs(args, settings)
@@ -86,32 +103,54 @@ def run(args: argparse.Namespace) -> int:
     )
     backbone = resolve_reward_backbone(args.backbone or settings.reward_backbone)
     print(f"{source}: {len(split['train'])} training pairs, {len(split['test'])} held-out pairs")
+    # Counterfactual fairness: the penalty trains on one part of the lists; the gaps of the
+    # trained model are recorded on that part (in-sample) and on the held-out part, always
+    # (scoring the templates takes seconds).
+    from training.counterfactual import load_sets
+    from training.fairness import gap_summary, pairs_by_attribute, split_gaps
+
+    try:
+        sets = load_sets(
+            args.counterfactual_attributes_file,
+            args.counterfactual_templates_file,
+            args.counterfactual_held_out_attributes_file,
+            args.counterfactual_held_out_templates_file,
+        )
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    chosen = [a.strip() for a in args.counterfactual_attributes.split(",") if a.strip()]
+    if unknown := [a for a in chosen if a not in sets.penalty_attributes]:
+        raise UserError(
+            f"unknown attributes {unknown}; known: {', '.join(sets.penalty_attributes)}"
+        )
     extra_loss = None
     if args.counterfactual_weight > 0:
-        from training.counterfactual import load_attributes, load_templates
-        from training.fairness import CounterfactualPenalty, counterfactual_pairs, pairs_from_flags
+        from training.fairness import CounterfactualPenalty
         from training.models import load_tokenizer
 
-        attributes = load_attributes()
-        chosen = [a.strip() for a in args.counterfactual_attributes.split(",") if a.strip()]
-        if unknown := [a for a in chosen if a not in attributes]:
-            raise UserError(f"unknown attributes {unknown}; known: {', '.join(attributes)}")
         train = split["train"]
-        variant_pairs = counterfactual_pairs(
-            [attributes[a] for a in chosen],
+        variant_pairs = pairs_by_attribute(
+            [sets.penalty_attributes[a] for a in chosen],
             list(train["prompt"]) * 2,
             list(train["chosen"]) + list(train["rejected"]),
-            load_templates(),
-        ) + pairs_from_flags(flags, [attributes[a] for a in chosen])
+            sets.penalty_templates,
+            flags,
+        )
         extra_loss = CounterfactualPenalty(
             load_tokenizer(backbone, padding_side="right"),
             variant_pairs,
             args.counterfactual_weight,
             max_length=config.max_length,
         )
+        counts = ", ".join(f"{a} {len(p)}" for a, p in variant_pairs.items())
         print(
-            f"counterfactual penalty: weight {args.counterfactual_weight}, {len(variant_pairs)} variant pairs"
+            f"counterfactual penalty: weight {args.counterfactual_weight}, variant pairs {counts}; "
+            f"each batch takes equal numbers per attribute"
         )
+
+    def fairness(served: RewardModel) -> dict:
+        return gap_summary(split_gaps(served.score, sets, chosen), sets)
+
     result = train_reward(
         split["train"],
         split["test"],
@@ -124,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
             "pairs": len(pairs),
             "counterfactual_weight": args.counterfactual_weight,
         },
+        extra_evaluations={"fairness": fairness},
     )
     m = result.metrics
     current = "none" if m["current_accuracy"] is None else f"{m['current_accuracy']:.3f}"
@@ -135,4 +175,13 @@ def run(args: argparse.Namespace) -> int:
         f"{'promoted: now served' if result.promoted else 'not promoted'}\n"
         f"curves: {result.version.path / 'training_curves.png'}"
     )
+    recorded = result.version.metadata.get("fairness", {})
+    for side in ("in_sample", "held_out"):
+        cells = [
+            f"{a} {g['average_gap']:.3f}/{g['worst_gap']:.3f}"
+            for a, g in recorded.get(side, {}).items()
+        ]
+        if cells:
+            label = side.replace("_", "-")
+            print(f"  counterfactual gap {label} (average/worst): {', '.join(cells)}")
     return 0
