@@ -60,7 +60,12 @@ def prepare_reward(folder: Path, epochs: float, lr: float) -> None:
     train_records, _ = finegrained_split(load_finegrained(DATA))
     split = split_by_prompt(preference_pairs(train_records, "ranking"), 0.1)
     config = RewardTrainingConfig(
-        num_train_epochs=epochs, learning_rate=lr, max_length=256, eval_steps=0, promote="always"
+        num_train_epochs=epochs,
+        learning_rate=lr,
+        max_length=256,
+        eval_steps=0,
+        promote="always",
+        dtype="float32",  # as in the earlier rows (sessions 8-11); bf16 is a reward-path default now
     )
     result = train_reward(
         split["train"], split["test"], Registry(folder), resolve_reward_backbone("default"), config
