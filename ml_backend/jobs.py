@@ -218,6 +218,12 @@ class Trainer:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.worker_id = f"{os.getpid()}@{os.uname().nodename}"
+        # Jobs queued in SQLite but not yet handed to Redis (down, or not tried yet): a
+        # dispatcher thread sends them, so /webhook never waits on Redis.
+        self._unsent: set[int] = set()
+        self._unsent_lock = threading.Lock()
+        self._dispatch = threading.Event()
+        self._dispatcher: threading.Thread | None = None
 
     def on_event(self, event: Event) -> Job | None:
         """Called after an event is recorded: queue a run if the rules say so."""
@@ -234,9 +240,63 @@ class Trainer:
         else:
             return None
         if job is not None and self.redis_url:
-            self._send_to_queue(job)
+            self._queue_for_redis([job.id])
         self._wake.set()
         return job
+
+    def _queue_for_redis(self, job_ids: list[int]) -> None:
+        with self._unsent_lock:
+            self._unsent.update(job_ids)
+        if self._dispatcher is None or not self._dispatcher.is_alive():
+            self._dispatcher = threading.Thread(
+                target=self._dispatch_loop, name="redis-dispatcher", daemon=True
+            )
+            self._dispatcher.start()
+        self._dispatch.set()
+
+    def pending_for_redis(self) -> list[int]:
+        """Jobs queued here that Redis has not received yet (it was unreachable)."""
+        with self._unsent_lock:
+            return sorted(self._unsent)
+
+    def _dispatch_loop(self, max_wait: float = 30.0) -> None:
+        """Send queued jobs to Redis; while it is unreachable, try again with a doubling wait
+        (0.5 s to `max_wait`). The jobs stay queued in SQLite meanwhile, so nothing is lost,
+        and a restarted backend sends every queued job again."""
+        wait, down_since = 0.5, None
+        while not self._stop.is_set():
+            self._dispatch.wait(timeout=wait if down_since else None)
+            self._dispatch.clear()
+            for job_id in self.pending_for_redis():
+                job = self.store.get(job_id)
+                if job is None or job.state != "queued":
+                    with self._unsent_lock:
+                        self._unsent.discard(job_id)
+                    continue
+                try:
+                    self._send_to_queue(job)
+                except Exception as err:  # noqa: BLE001 - redis raises several kinds; logged
+                    if down_since is None:
+                        down_since = time.monotonic()
+                        log.warning(
+                            "Redis at %s is unreachable (%s: %s): job %d stays queued and is "
+                            "sent when Redis answers",
+                            _redacted(self.redis_url),
+                            type(err).__name__,
+                            err,
+                            job_id,
+                        )
+                    wait = min(wait * 2, max_wait)
+                    break
+                with self._unsent_lock:
+                    self._unsent.discard(job_id)
+                if down_since is not None:
+                    log.info(
+                        "Redis answers again after %.0f s: job %d sent",
+                        time.monotonic() - down_since,
+                        job_id,
+                    )
+                    down_since, wait = None, 0.5
 
     def _send_to_queue(self, job: Job) -> None:
         from redis import Redis
@@ -244,7 +304,8 @@ class Trainer:
 
         # The Label Studio access /setup gave travels with the job, as run_job gets it in
         # process; RQ logs the description, which names the job and not its arguments.
-        Queue(QUEUE_NAME, connection=Redis.from_url(self.redis_url)).enqueue(
+        connection = Redis.from_url(self.redis_url, socket_connect_timeout=2, socket_timeout=5)
+        Queue(QUEUE_NAME, connection=connection).enqueue(
             "ml_backend.training_job.run_queued_job",
             job.id,
             self.access(job.project_id),
@@ -258,8 +319,7 @@ class Trainer:
         if recovered:
             log.info("queued again %d job(s) left running by a stopped process", recovered)
         if self.redis_url:
-            for job in self.store._rows("WHERE state = 'queued'"):
-                self._send_to_queue(job)
+            self._queue_for_redis([job.id for job in self.store._rows("WHERE state = 'queued'")])
             return
         threading.Thread(target=self._loop, name="training-worker", daemon=True).start()
 
@@ -313,6 +373,12 @@ class _transaction:
 
     def __exit__(self, exc_type, *rest) -> None:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _redacted(url: str) -> str:
+    """A Redis URL without its password, for the log."""
+    head, at, tail = url.rpartition("@")
+    return f"{head.split('//', 1)[0]}//***@{tail}" if at else url
 
 
 def _alive(worker: str | None, prefix: str | None) -> bool:

@@ -9,11 +9,14 @@ kinds of API key: a legacy token, or a personal access token (a JWT it refreshes
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from training.label_config import read_schema
+
+log = logging.getLogger(__name__)
 
 
 class ExportError(RuntimeError):
@@ -21,17 +24,64 @@ class ExportError(RuntimeError):
 
 
 def pull_export(
-    url: str, api_key: str, project_id: int, timeout: float = 600.0
+    url: str,
+    api_key: str,
+    project_id: int,
+    timeout: float = 600.0,
+    attempts: int = 4,
+    backoff: float = 1.0,
+    request_timeout: float = 60.0,
 ) -> tuple[list[dict], str]:
-    """(tasks as in Label Studio's JSON export, the project's label config)."""
-    from label_studio_sdk import LabelStudio
-    from label_studio_sdk.types import SerializationOptionRequest, SerializationOptionsRequest
+    """(tasks as in Label Studio's JSON export, the project's label config).
 
+    Label Studio down, too slow (no answer in `request_timeout` s) or answering 5xx/429 is
+    tried again, `attempts` times in all, waiting `backoff` s, then twice that, ... (at
+    most 30 s); then an ExportError says what happened on each attempt. A refusal that
+    another try cannot change (a bad key, a missing project) fails at once."""
     if not api_key:
         raise ExportError(
             "no Label Studio API key: set LS_RLHF_LABEL_STUDIO_API_KEY or pass --api-key"
         )
-    ls = LabelStudio(base_url=url.rstrip("/"), api_key=api_key)
+    attempts = max(1, attempts)
+    tried: list[str] = []
+    for attempt in range(1, attempts + 1):
+        try:
+            return _pull_once(url, api_key, project_id, timeout, request_timeout)
+        except _Transient as err:
+            tried.append(str(err))
+            if attempt == attempts:
+                break
+            wait = min(backoff * 2 ** (attempt - 1), 30.0)
+            log.warning(
+                "export of project %d, attempt %d of %d: %s; trying again in %.1f s",
+                project_id,
+                attempt,
+                attempts,
+                err,
+                wait,
+            )
+            time.sleep(wait)
+    raise ExportError(
+        f"Label Studio at {url} failed {attempts} attempt(s) to export project {project_id} "
+        f"(last: {tried[-1]}): check that it runs and LS_RLHF_LABEL_STUDIO_URL; the next "
+        "trigger tries again"
+    )
+
+
+class _Transient(Exception):
+    """A failure another attempt may not have: unreachable, too slow, 5xx or 429."""
+
+
+def _pull_once(
+    url: str, api_key: str, project_id: int, timeout: float, request_timeout: float
+) -> tuple[list[dict], str]:
+    from label_studio_sdk import LabelStudio
+    from label_studio_sdk.types import SerializationOptionRequest, SerializationOptionsRequest
+
+    # The SDK's own retries are off: this function's are bounded and logged.
+    ls = LabelStudio(
+        base_url=url.rstrip("/"), api_key=api_key, timeout=request_timeout, max_retries=0
+    )
     try:
         project = ls.projects.get(id=project_id)
         snapshot = ls.projects.exports.create(
@@ -56,8 +106,14 @@ def pull_export(
     except ExportError:
         raise
     except Exception as err:  # noqa: BLE001 - httpx and SDK errors become one clear message
+        status_code = getattr(err, "status_code", None)
+        if status_code is None or status_code >= 500 or status_code in (408, 429):
+            raise _Transient(_describe(err, url, project_id)) from None
         raise ExportError(_describe(err, url, project_id)) from None
-    tasks = json.loads(raw)
+    try:
+        tasks = json.loads(raw)
+    except ValueError:
+        raise _Transient(f"Label Studio's export of project {project_id} is not JSON") from None
     if not isinstance(tasks, list):
         raise ExportError(f"Label Studio's export of project {project_id} is not a list of tasks")
     if not project.label_config:
@@ -106,5 +162,5 @@ def _describe(err: Exception, url: str, project_id: int) -> str:
             f"project {project_id} does not exist at {url} (404): check the id in the project's URL"
         )
     if status is not None:
-        return f"Label Studio at {url} answered {status}: {getattr(err, 'body', err)}"
+        return f"Label Studio at {url} answered {status}: {str(getattr(err, 'body', err))[:300]}"
     return f"could not reach Label Studio at {url} ({type(err).__name__}: {err}): check LS_RLHF_LABEL_STUDIO_URL"

@@ -77,6 +77,25 @@ class Settings:
             "is delivered through Label Studio's API (its own timeout is 100 s)."
         },
     )
+    export_attempts: int = field(
+        default=4,
+        metadata={
+            "help": "Attempts of a training job at pulling the export while Label Studio is "
+            "down, too slow or answering 5xx; then the job fails with the reason."
+        },
+    )
+    export_backoff_seconds: float = field(
+        default=1.0,
+        metadata={
+            "help": "Wait before the second export attempt; it doubles each time (30 s at most)."
+        },
+    )
+    label_studio_timeout_seconds: float = field(
+        default=60.0,
+        metadata={
+            "help": "Seconds one call to Label Studio's API may take before it counts as failed."
+        },
+    )
     max_request_bytes: int = field(
         default=10_000_000,
         metadata={
@@ -195,7 +214,7 @@ class Settings:
             raise SettingsError(
                 f"{ENV_PREFIX}MAX_NEW_TOKENS must be at least 1, not {self.max_new_tokens}"
             )
-        for name in ("max_request_bytes", "max_predict_tasks"):
+        for name in ("max_request_bytes", "max_predict_tasks", "export_attempts"):
             if getattr(self, name) < 1:
                 raise SettingsError(
                     f"{ENV_PREFIX}{name.upper()} must be at least 1, not {getattr(self, name)}"
