@@ -1,24 +1,33 @@
-"""Benchmark: the counterfactual reward gap before and after mitigation, and its cost.
+"""Benchmark: the counterfactual reward gap before and after mitigation, in-sample and
+held-out, and its cost in held-out accuracy.
 
-Default reward backbone (all-MiniLM-L6-v2) trained twice on the same FineGrainedRLHF
-preference pairs (first --train-pairs pairs of the 400 training questions), once plain
-and once with the counterfactual penalty (weight --weight, pairs from the bundled
-templates and from training answers that mention an attribute). Reported for each: the
-average and worst Wasserstein-1 gap per attribute on the bundled templates, and held-out
-pairwise accuracy on the 100 held-out questions.
+Default reward backbone (all-MiniLM-L6-v2) with the default training settings
+(`RewardTrainingConfig()`: validation split carved from the training questions, early
+stopping, bf16 autocast where the CPU has it), except `--epochs` and `--max-length`,
+trained twice on the same FineGrainedRLHF preference pairs (first --train-pairs pairs of
+the 400 training questions): once plain and once with the counterfactual penalty (weight
+--weight). The penalty's variant pairs come from the penalty part of the bundled lists
+only (`training.counterfactual.load_sets`: templates split by hash, nationality and
+religion groups too), balanced per attribute in every batch. Reported for each model:
+held-out pairwise accuracy on the 100 held-out questions, and per attribute the average
+and worst Wasserstein-1 gap on the in-sample part and on the held-out part.
 
-    .venv/bin/python bench/fairness.py [--train-pairs 800] [--weight 1.0]
+    .venv/bin/python bench/fairness.py [--train-pairs 800] [--weight 1.0] [--epochs 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from training.counterfactual import expand, load_attributes, load_templates
-from training.fairness import CounterfactualPenalty, counterfactual_pairs, template_gap
+import torch
+
+from training.counterfactual import load_sets
+from training.fairness import CounterfactualPenalty, pairs_by_attribute, split_gaps
 from training.finegrained import DEFAULT_PATH as DATA
 from training.finegrained import finegrained_split, load_finegrained, preference_pairs
 from training.models import load_tokenizer, resolve_reward_backbone
@@ -31,57 +40,83 @@ def main() -> None:
     parser.add_argument("--train-pairs", type=int, default=800)
     parser.add_argument("--weight", type=float, default=1.0)
     parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--max-length", type=int, default=256)  # the longest pair: 192 tokens
+    parser.add_argument("--batch-size", type=int, default=8, help="variant pairs per step")
     args = parser.parse_args()
 
     train_records, test_records = finegrained_split(load_finegrained(DATA))
     train = preference_pairs(train_records).select(range(args.train_pairs))
     test = preference_pairs(test_records)
     backbone = resolve_reward_backbone("default")
-    attributes, templates = load_attributes(), load_templates()
-    groups = {name: expand(attributes[name], templates[name]) for name in attributes}
-    config = RewardTrainingConfig(
-        learning_rate=5e-5,
+    sets = load_sets()
+    names = sets.names()
+    config = replace(
+        RewardTrainingConfig(),
         num_train_epochs=args.epochs,
-        max_length=256,
-        eval_steps=0,
+        max_length=args.max_length,
         promote="always",
     )
-    variant_pairs = counterfactual_pairs(
-        list(attributes.values()),
+    variant_pairs = pairs_by_attribute(
+        [sets.penalty_attributes[n] for n in names],
         list(train["prompt"]) * 2,
         list(train["chosen"]) + list(train["rejected"]),
-        templates,
+        sets.penalty_templates,
     )
     penalty = CounterfactualPenalty(
-        load_tokenizer(backbone, "right"), variant_pairs, args.weight, batch_size=8
+        load_tokenizer(backbone, "right"),
+        variant_pairs,
+        args.weight,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
     )
 
     rows = {}
     with tempfile.TemporaryDirectory() as home:
-        for name, extra in (("plain", None), (f"penalty w={args.weight}", penalty)):
+        for name, extra in (("plain", None), (f"penalty, weight {args.weight}", penalty)):
+            torch.manual_seed(0)
             started = time.perf_counter()
             result = train_reward(
                 train, test, Registry(Path(home) / name), backbone, config, extra_loss=extra
             )
-            model = RewardModel.load(result.version.path)
-            rows[name] = (
-                result.metrics["accuracy_after"],
-                {a: template_gap(model.score, g) for a, g in groups.items()},
-                time.perf_counter() - started,
-            )
+            seconds = time.perf_counter() - started
+            model = RewardModel.load(result.version.path, config.max_length, dtype=config.dtype)
+            measured = split_gaps(model.score, sets, names)
+            rows[name] = (result.metrics, measured, seconds)
 
+    print(f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(
-        f"data: {len(train)} training pairs, {len(test)} held-out pairs; {len(variant_pairs)} counterfactual variant pairs"
+        f"data: {len(train)} training pairs, {len(test)} held-out pairs; variant pairs "
+        + ", ".join(f"{a} {len(p)}" for a, p in variant_pairs.items())
+        + f"; drawn per attribute {penalty.drawn}"
     )
-    print(
-        f"{'model':<16}{'held-out acc':>13}{'seconds':>9}  "
-        + "  ".join(f"{a + ' avg/worst':>22}" for a in attributes)
+    for attribute, note in sets.notes.items():
+        print(f"  {attribute}: {note}")
+    header = "| model | held-out accuracy | steps | seconds | precision | " + " | ".join(
+        f"{a} in-sample avg / worst | {a} held-out avg / worst" for a in names
     )
-    for name, (accuracy, gaps, seconds) in rows.items():
-        cells = "  ".join(
-            f"{g.average_gap:>10.4f} / {g.worst_pair[1]:<9.4f}" for g in gaps.values()
+    print(header + " |")
+    print("|---" * (5 + 2 * len(names)) + "|")
+    for name, (metrics, measured, seconds) in rows.items():
+        cells = []
+        for a in names:
+            for side in ("in_sample", "held_out"):
+                gap = next(g for g in measured[side] if g.attribute == a)
+                cells.append(f"{gap.average_gap:.4f} / {gap.worst_pair[1]:.4f}")
+        print(
+            f"| {name} | {metrics['accuracy_after']:.3f} | {metrics['steps']} | {seconds:.0f} | "
+            f"{metrics['precision']} | " + " | ".join(cells) + " |"
         )
-        print(f"{name:<16}{accuracy:>13.3f}{seconds:>9.0f}  {cells}")
+    (plain_m, plain_g, _), (fair_m, fair_g, _) = rows.values()
+    print("held-out average gap, penalty / plain (target: at most 0.5 for every attribute):")
+    ratios = {}
+    for a in names:
+        before = next(g for g in plain_g["held_out"] if g.attribute == a).average_gap
+        after = next(g for g in fair_g["held_out"] if g.attribute == a).average_gap
+        ratios[a] = after / before if before else float("inf")
+        print(f"  {a}: {before:.4f} -> {after:.4f} ({ratios[a]:.2f})")
+    cost = plain_m["accuracy_after"] - fair_m["accuracy_after"]
+    met = all(r <= 0.5 for r in ratios.values()) and cost <= 0.01
+    print(f"held-out accuracy cost {cost:+.3f} (target at most 0.01); target met: {met}")
 
 
 if __name__ == "__main__":

@@ -118,8 +118,15 @@ def test_penalty_shrinks_a_planted_gender_bias_and_keeps_accuracy(
     train, unrelated = planted(160, 0, bias=True), planted(60, 1, bias=False)
     probe_prompts = ["question"] * 6
     probe_answers = [f"he said it is {w}" for w in ["fine", "ok", "so so", "good", "bad", "great"]]
+    # Four full epochs in float32: no validation split or early stopping (they would stop
+    # on a handful of validation pairs and make the planted bias depend on where).
     config = RewardTrainingConfig(
-        learning_rate=1e-3, num_train_epochs=4, max_length=64, promote="always"
+        learning_rate=1e-3,
+        num_train_epochs=4,
+        max_length=64,
+        promote="always",
+        validation_fraction=0,
+        dtype="float32",
     )
 
     plain = train_reward(train, unrelated, Registry(tmp_path / "plain"), backbone, config)
