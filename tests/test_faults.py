@@ -8,8 +8,10 @@ from __future__ import annotations
 import http.server
 import shutil
 import subprocess
+import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -285,3 +287,42 @@ def test_redis_unreachable_when_a_job_is_queued_loses_nothing(
     (queued,) = queue.jobs
     assert queued.args[0] == job_id and queue.count == 1
     assert requests.get(f"{backend.url}/jobs/{job_id}", timeout=5).json()["state"] == "queued"
+
+
+def test_an_event_log_locked_by_another_process_makes_events_wait_not_vanish(
+    settings, start_backend
+):
+    settings = settings.replace(train_every=0)
+    backend = start_backend(settings)
+    path = settings.state_dir / "events.sqlite3"
+    # Another process takes the write lock of the event log for 3 s.
+    locker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time\n"
+            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "db.execute('BEGIN EXCLUSIVE')\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(3)\n"
+            "db.execute('COMMIT')\n",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert locker.stdout is not None and locker.stdout.readline().strip() == "locked"
+
+    def send(i: int) -> int:
+        body = {"action": "ANNOTATION_CREATED", "annotation": {"id": i}, "project": {"id": 4}}
+        return requests.post(f"{backend.url}/webhook", json=body, timeout=30).status_code
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = list(pool.map(send, range(40)))
+    waited = time.monotonic() - started
+    assert locker.wait(timeout=30) == 0
+    assert statuses == [201] * 40
+    assert waited >= 2.0  # they did wait for the lock
+    events = EventLog(path).events(project_id=4)
+    assert sorted(e.annotation_ids[0] for e in events) == list(range(40))
