@@ -175,7 +175,9 @@ def main() -> None:
             f"{config.per_device_train_batch_size}, max_length {config.max_length}, "
             f"validation {config.validation_fraction:g}, {m['precision']}"
         )
-        print(f"  held-out: {result.evaluation.summary()}")
+        print(
+            f"  held-out: {result.evaluation.summary() if result.evaluation else 'no held-out pairs'}"
+        )
         print(
             f"  training: {m['steps']} steps ({m['epochs']:.2f} epochs, best at step {m['best_step']}, "
             f"stopped early: {m['stopped_early']}), {m['seconds']:.0f} s, {m['pairs_per_second']:.1f} pairs/s; "

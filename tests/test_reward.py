@@ -311,3 +311,19 @@ def test_partial_fine_tuning_trains_only_the_top_layers_and_the_head(
     trained, _ = load_sequence_classifier(str(result.version.path))
     moved = {n for n, p in trained.named_parameters() if not torch.equal(p, before[n])}
     assert moved and moved <= trainable
+
+
+def test_no_held_out_pairs_still_trains_a_version_marked_unjudged(
+    tmp_path, tiny_reward_backbone_dir
+):
+    empty = synthetic_pairs(0, 1)
+    result = train_reward(
+        synthetic_pairs(24, 0),
+        empty,
+        Registry(tmp_path),
+        str(tiny_reward_backbone_dir),
+        RewardTrainingConfig(max_steps=2, max_length=64),
+    )
+    metadata = json.loads((result.version.path / "metadata.json").read_text())
+    assert result.evaluation is None and metadata["evaluation"] is None
+    assert metadata["metrics"]["accuracy_after"] is None and result.promoted

@@ -322,7 +322,7 @@ class RewardTrainingResult:
     version: Version
     promoted: bool
     metrics: dict[str, Any]
-    evaluation: RewardEvaluation
+    evaluation: RewardEvaluation | None  # None when there were no held-out pairs
 
 
 # `length` (tokens of all a prompt's answers) is read by the length-grouped sampler.
@@ -618,12 +618,14 @@ def train_reward(
         shutil.rmtree(staged / "trainer", ignore_errors=True)
         # Judged as it will be served: reloaded from the folder, in the serving precision.
         served = RewardModel.load(staged, config.max_length, dtype=config.dtype)
-        evaluation = evaluate_reward(served.score, eval)
+        # A tiny project can leave no held-out pairs: the version is trained, but unjudged.
+        evaluation = evaluate_reward(served.score, eval) if len(eval) else None
+        accuracy_after = evaluation.accuracy if evaluation else float("nan")
         extra = {name: figures(served) for name, figures in (extra_evaluations or {}).items()}
         curves = plot_curves(trainer.state.log_history, staged / "training_curves.png")
         metrics = {
             "accuracy_before": accuracy_before,
-            "accuracy_after": evaluation.accuracy,
+            "accuracy_after": accuracy_after,
             "current_accuracy": current_accuracy,
             "longer_answer_accuracy": longer_answer_accuracy(eval),
             "train_loss": output.training_loss,
@@ -639,13 +641,13 @@ def train_reward(
             "pairs_per_second": round(len(fit) * (trainer.state.epoch or 0) / seconds, 2),
             "precision": "bfloat16 autocast" if bf16 else "float32",
         }
-        promoted = _should_promote(config.promote, evaluation.accuracy, current_accuracy)
+        promoted = _should_promote(config.promote, accuracy_after, current_accuracy)
         version = registry.commit(
             "reward",
             staged,
             {
                 "metrics": _finite(metrics),
-                "evaluation": evaluation.to_dict(),
+                "evaluation": evaluation.to_dict() if evaluation else None,
                 **extra,
                 "parent": current.name if current else None,
                 "started_from": "current version" if start_from != backbone else backbone,
@@ -660,7 +662,7 @@ def train_reward(
         "reward %s: held-out accuracy %.3f -> %.3f (current %s), %s",
         version.label,
         accuracy_before,
-        evaluation.accuracy,
+        accuracy_after,
         "none" if current_accuracy is None else f"{current_accuracy:.3f}",
         "promoted" if promoted else "not promoted",
     )

@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     current = "none" if m["current_accuracy"] is None else f"{m['current_accuracy']:.3f}"
     stop = f", best at step {m['best_step']}" if m["best_step"] else ""
     print(
-        f"{result.version.label}: held-out {result.evaluation.summary()}\n"
+        f"{result.version.label}: held-out {result.evaluation.summary() if result.evaluation else 'no held-out pairs'}\n"
         f"  untrained {m['accuracy_before']:.3f}, current version {current}; {m['steps']} steps "
         f"({m['epochs']:.2f} epochs{stop}) in {m['seconds']:.0f} s, {m['precision']}; "
         f"{'promoted: now served' if result.promoted else 'not promoted'}\n"
