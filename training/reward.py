@@ -685,11 +685,17 @@ def freeze_below_top_layers(model: torch.nn.Module, top: int) -> None:
     trainable = {id(p) for layer in list(layers)[-top:] for p in layer.parameters()}
     inside_layers = {id(p) for p in layers.parameters()}
     embeddings = {id(p) for p in cast(Any, model).get_input_embeddings().parameters()}
-    for parameter in model.parameters():
-        # Outside the layer stack only the embeddings freeze: the head and final norm train.
+    for name, parameter in model.named_parameters():
+        # Outside the layer stack only the embeddings freeze (token, position and their
+        # norm: BERT's `embeddings.*`, Llama's `embed_tokens`, GPT-2's `wte`/`wpe`); the final
+        # norm, pooler and head train.
         if id(parameter) in inside_layers:
             parameter.requires_grad_(id(parameter) in trainable)
-        elif id(parameter) in embeddings:
+        elif (
+            id(parameter) in embeddings
+            or "embed" in name
+            or name.split(".")[-2:-1] in (["wte"], ["wpe"])
+        ):
             parameter.requires_grad_(False)
 
 
