@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from memory import peak_memory_gb, reset_peak_memory  # bench/memory.py (the script's folder)
+
 from training.finegrained import DEFAULT_PATH as DATA
 from training.registry import Registry
 
@@ -37,18 +39,6 @@ from training.registry import Registry
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def reset_peak_memory() -> None:
-    """Restart Linux's count of the peak resident set (VmHWM) from the current size."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_memory_gb() -> float:
-    status = Path("/proc/self/status").read_text()
-    return (
-        int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM:")).split()[1]) / 1024**2
-    )
 
 
 def prepare_reward(folder: Path, epochs: float, lr: float) -> None:

@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from memory import peak_memory_gb, reset_peak_memory  # bench/memory.py (the script's folder)
 
 from training.finegrained import DEFAULT_PATH as DATA
 from training.finegrained import finegrained_split, load_finegrained, preference_pairs
@@ -51,18 +52,6 @@ PRESETS = {
         dtype="float32",
     ),
 }
-
-
-def reset_peak_memory() -> None:
-    """Restart Linux's count of the peak resident set (VmHWM) from the current size."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_memory_gb() -> float:
-    status = Path("/proc/self/status").read_text()
-    return (
-        int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM:")).split()[1]) / 1024**2
-    )
 
 
 def precision_ratios(backbone: str, pairs, max_length: int) -> None:
