@@ -94,7 +94,9 @@ def test_queued_jobs_reach_label_studio_with_the_access_setup_gave(
     from redis import Redis
     from rq import Queue
 
-    queued = Queue("ls-rlhf", connection=Redis.from_url(redis_url)).jobs
+    # A dispatcher thread hands recorded jobs to Redis (so /webhook never waits on it).
+    queue = Queue("ls-rlhf", connection=Redis.from_url(redis_url))
+    queued = wait_for(lambda: queue.jobs, timeout=30)
     assert len(queued) == 1 and label_studio.token not in queued[0].description
     worker = subprocess.run(
         [str(ROOT / ".venv" / "bin" / "ls-rlhf"), "worker", "--burst"],
