@@ -22,7 +22,7 @@ from typing import Any
 from datasets import Dataset
 
 from ml_backend.jobs import Job, JobStore, execute_job
-from training.datasets import preference_dataset, split_by_prompt
+from training.datasets import HELD_OUT_FRACTION, MIN_PAIRS, preference_dataset, split_by_prompt
 from training.export import prompts_from_tasks, pull_export
 from training.feedback import parse_export
 from training.models import resolve_reward_backbone
@@ -32,10 +32,8 @@ from training.settings import Settings
 
 log = logging.getLogger(__name__)
 
-MIN_PAIRS = 8
 LOOP_MAX_STEPS = 12
 REPLAY_MIN = 32
-HELD_OUT_FRACTION = 0.2
 
 
 def run_training(

@@ -106,3 +106,22 @@ def test_unknown_backbone_is_a_one_line_error(env, tmp_path, capsys):
     assert code == 2
     assert "no-such-backbone" in err and "Traceback" not in err
     assert Registry(env.registry_dir).versions("reward") == []
+
+
+def test_validation_and_partial_fine_tuning_flags_reach_the_training(env, tmp_path, capsys):
+    dataset_dir = tmp_path / "preference"
+    synthetic_pairs(40, seed=4).save_to_disk(str(dataset_dir))
+    args = ["train", "reward", "--dataset", str(dataset_dir), "--max-steps", "2"]
+
+    assert cli([*args, "--validation-fraction", "0", "--train-top-layers", "1"]) == 0
+    metadata = json.loads(
+        (Registry(env.registry_dir).current("reward").path / "metadata.json").read_text()
+    )
+    assert metadata["metrics"]["validation_pairs"] == 0 and metadata["metrics"]["best_step"] is None
+    assert metadata["config"]["train_top_layers"] == 1
+
+    capsys.readouterr()
+    assert cli([*args, "--validation-fraction", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "validation_fraction must be in [0, 1)" in err and "Traceback" not in err
+    assert len(Registry(env.registry_dir).versions("reward")) == 1

@@ -123,7 +123,15 @@ def critique_dataset(records: Iterable[Record]) -> Dataset:
     return Dataset.from_dict(rows)
 
 
-def split_by_prompt(dataset: Dataset, test_fraction: float = 0.2, seed: int = 0) -> DatasetDict:
+# The share of prompts a training run holds out to judge its version, and the fewest pairs
+# worth training on: one rule for `ls-rlhf train reward` and the loop's jobs.
+HELD_OUT_FRACTION = 0.2
+MIN_PAIRS = 8
+
+
+def split_by_prompt(
+    dataset: Dataset, test_fraction: float = HELD_OUT_FRACTION, seed: int = 0
+) -> DatasetDict:
     """Train/test by a hash of the prompt, so no prompt is on both sides."""
     if not 0 <= test_fraction < 1:
         raise ValueError(f"test_fraction must be in [0, 1), not {test_fraction}")

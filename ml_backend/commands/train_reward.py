@@ -8,8 +8,6 @@ from ml_backend.cli import UserError
 from ml_backend.commands._sources import add_source_arguments, load_preference_pairs
 from training.settings import Settings
 
-MIN_PAIRS = 8
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -34,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--promote", choices=["if_not_worse", "always", "never"], default="if_not_worse"
     )
     parser.add_argument(
-        "--test-fraction", type=float, default=0.2, help="share of prompts held out (default 0.2)"
+        "--test-fraction", type=float, help="share of prompts held out (default: a fifth)"
     )
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--epochs", type=float, help="passes over the pairs")
@@ -43,6 +41,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, help="prompts per step (each with all its judged pairs)"
     )
     parser.add_argument("--max-length", type=int, help="tokens per (prompt, answer)")
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        help="share of the training prompts that chooses when to stop (default 0.1; 0: train "
+        "to the end)",
+    )
+    parser.add_argument(
+        "--train-top-layers",
+        type=int,
+        help="partial fine-tuning: train only the top N layers and the head (large backbones)",
+    )
     parser.add_argument(
         "--counterfactual-weight",
         type=float,
@@ -75,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.datasets import split_by_prompt
+    from training.datasets import HELD_OUT_FRACTION, MIN_PAIRS, split_by_prompt
     from training.models import resolve_reward_backbone
     from training.registry import Registry
     from training.reward import RewardModel, RewardTrainingConfig, train_reward
@@ -86,21 +95,30 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"{source} gives {len(pairs)} preference pairs; annotate at least {MIN_PAIRS} comparisons or rankings first"
         )
-    split = split_by_prompt(pairs, args.test_fraction, seed=settings.seed)
+    split = split_by_prompt(
+        pairs,
+        HELD_OUT_FRACTION if args.test_fraction is None else args.test_fraction,
+        seed=settings.seed,
+    )
     overrides = {
         "learning_rate": args.learning_rate,
         "num_train_epochs": args.epochs,
         "max_steps": args.max_steps,
         "per_device_train_batch_size": args.batch_size,
         "max_length": args.max_length,
+        "validation_fraction": args.validation_fraction,
+        "train_top_layers": args.train_top_layers,
     }
-    config = RewardTrainingConfig(
-        promote=args.promote,
-        warm_start=args.warm_start,
-        seed=settings.seed,
-        dtype=settings.dtype,
-        **{k: v for k, v in overrides.items() if v is not None},
-    )
+    try:
+        config = RewardTrainingConfig(
+            promote=args.promote,
+            warm_start=args.warm_start,
+            seed=settings.seed,
+            dtype=settings.dtype,
+            **{k: v for k, v in overrides.items() if v is not None},
+        )
+    except ValueError as err:  # e.g. a validation fraction outside [0, 1)
+        raise UserError(str(err)) from None
     backbone = resolve_reward_backbone(args.backbone or settings.reward_backbone)
     print(f"{source}: {len(split['train'])} training pairs, {len(split['test'])} held-out pairs")
     # Counterfactual fairness: the penalty trains on one part of the lists; the gaps of the
