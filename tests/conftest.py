@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,6 +139,43 @@ def make_project(ls_client, request):
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that hands these settings to a child process."""
     return {**settings.to_env(), "HF_HUB_OFFLINE": "1"}
+
+
+def run_burst_worker(settings: Settings) -> subprocess.CompletedProcess:
+    """`ls-rlhf worker --burst` as a real process: it runs the queued jobs, then exits."""
+    return subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "ls-rlhf"), "worker", "--burst"],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def start_redis_server(port: int, folder: Path) -> subprocess.Popen:
+    """A real redis-server on 127.0.0.1:`port`, nothing persisted, answering PING on return."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip(
+            "redis-server is not installed (apt-get install redis-server; `make setup` does it)"
+        )
+    command = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    process = subprocess.Popen(
+        [*command, "--appendonly", "no", "--dir", str(folder)], stdout=subprocess.DEVNULL
+    )
+    from redis import Redis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    client, deadline = Redis(port=port), time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return process
+        except RedisConnectionError:
+            if time.monotonic() > deadline:
+                process.terminate()
+                raise
+            time.sleep(0.1)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ that starts late."""
 from __future__ import annotations
 
 import http.server
-import shutil
 import subprocess
 import sys
 import threading
@@ -15,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import add_reward_version
+from conftest import add_reward_version, start_redis_server
 from test_loop_label_studio import wait_for
-from test_reliability import _ping, _project_with_annotations
+from test_reliability import _project_with_annotations
 
 from ml_backend.events import EventLog
 from ml_backend.jobs import QUEUE_NAME
@@ -225,33 +224,14 @@ def test_a_label_studio_too_slow_to_answer_fails_the_job_with_the_reason(
 @pytest.fixture
 def redis_server(tmp_path):
     """start() runs a real redis-server on a port chosen now; stopped after the test."""
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
     port, processes = free_port(), []
 
     def start():
-        process = subprocess.Popen(
-            [
-                server,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-        )
+        process = start_redis_server(port, tmp_path)
         processes.append(process)
         from redis import Redis
 
-        client = Redis(port=port)
-        wait_for(lambda: _ping(client), timeout=10, every=0.1)
-        return client
+        return Redis(port=port)
 
     yield port, start
     for process in processes:

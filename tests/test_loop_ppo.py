@@ -3,12 +3,11 @@ base policy across rounds; RQ jobs reaching Label Studio with what /setup gave."
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import asdict
 
 import requests
 import torch
-from conftest import ROOT, add_reward_version, settings_env
+from conftest import add_reward_version, run_burst_worker
 from test_loop_label_studio import wait_for
 from test_reliability import _project_with_annotations, redis_url  # noqa: F401 - a fixture
 
@@ -98,13 +97,7 @@ def test_queued_jobs_reach_label_studio_with_the_access_setup_gave(
     queue = Queue("ls-rlhf", connection=Redis.from_url(redis_url))
     queued = wait_for(lambda: queue.jobs, timeout=30)
     assert len(queued) == 1 and label_studio.token not in queued[0].description
-    worker = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "ls-rlhf"), "worker", "--burst"],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    worker = run_burst_worker(settings)
     assert worker.returncode == 0, worker.stderr[-2000:]
     assert label_studio.token not in worker.stdout + worker.stderr  # never in a log
     wait_for(

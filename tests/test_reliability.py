@@ -3,15 +3,13 @@ training, and the Redis queue with a real redis-server."""
 
 from __future__ import annotations
 
-import shutil
 import signal
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import add_reward_version, settings_env
+from conftest import add_reward_version, run_burst_worker, start_redis_server
 from test_loop_label_studio import wait_for
 
 from ml_backend.events import EventLog
@@ -145,42 +143,11 @@ def test_a_training_that_raises_keeps_the_served_version_and_the_event_log(
 
 @pytest.fixture
 def redis_url(tmp_path):
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip(
-            "redis-server is not installed (apt-get install redis-server; `make setup` does it)"
-        )
     port = free_port()
-    process = subprocess.Popen(
-        [
-            server,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    from redis import Redis
-
-    client = Redis(port=port)
-    wait_for(lambda: _ping(client), timeout=10, every=0.1)
+    process = start_redis_server(port, tmp_path)
     yield f"redis://127.0.0.1:{port}/0"
     process.terminate()
     process.wait(timeout=10)
-
-
-def _ping(client) -> bool:
-    try:
-        return client.ping()
-    except Exception:  # noqa: BLE001 - not up yet
-        return False
 
 
 def test_jobs_go_through_redis_to_a_separate_worker(
@@ -212,15 +179,7 @@ def test_jobs_go_through_redis_to_a_separate_worker(
         requests.get(f"{backend.url}/jobs/{answer['job']}", timeout=5).json()["state"] == "queued"
     )  # nobody trains in-process
 
-    from conftest import ROOT
-
-    worker = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "ls-rlhf"), "worker", "--burst"],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    worker = run_burst_worker(settings)
     assert worker.returncode == 0, worker.stderr[-2000:]
     job = requests.get(f"{backend.url}/jobs/{answer['job']}", timeout=5).json()
     assert job["state"] == "done", job
