@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "reward",
         help="a reward version or HF model on held-out preference pairs (report + plot)",
         description="Scores every pair of a held-out preference set and reports pairwise accuracy "
-        "with a bootstrap 95%% interval (resampling prompts), the calibration of the confidence "
+        "with a bootstrap 95% interval (resampling prompts), the calibration of the confidence "
         "the backend shows (sigmoid of the reward difference: expected calibration error and a "
         "reliability diagram), accuracy on pairs whose chosen answer is the shorter one beside "
         "the 'longer answer wins' baseline, and accuracy by agreement or margin where the data "
