@@ -31,6 +31,7 @@ MiniLM do not have, and it drops over-long pairs instead of truncating them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -51,7 +52,7 @@ from trl import RewardConfig, RewardTrainer
 from training.models import load_sequence_classifier
 from training.precision import resolve_dtype
 from training.registry import Registry, Version
-from training.reward_eval import RewardEvaluation, evaluate_reward
+from training.reward_eval import RewardEvaluation, evaluate_reward, reward_differences
 from training.settings import report_to
 
 log = logging.getLogger(__name__)
@@ -170,26 +171,12 @@ class RewardModel:
 def pairwise_accuracy(model: RewardModel, dataset: Dataset, batch_size: int = 32) -> float:
     """Fraction of pairs where the chosen answer scores higher than the rejected one.
 
-    Each distinct (prompt, answer) is scored once: a ranking of K answers gives K(K-1)/2
-    pairs but only K texts, so this is several times cheaper than scoring every pair.
+    Each distinct (prompt, answer) is scored once (`reward_differences`).
     """
     if len(dataset) == 0:
         return float("nan")
-    prompts, chosen, rejected = dataset["prompt"], dataset["chosen"], dataset["rejected"]
-    unique = list(
-        dict.fromkeys([*zip(prompts, chosen, strict=True), *zip(prompts, rejected, strict=True)])
-    )
-    scores = dict(
-        zip(
-            unique,
-            model.score([p for p, _ in unique], [a for _, a in unique], batch_size),
-            strict=True,
-        )
-    )
-    wins = sum(
-        scores[(p, c)] > scores[(p, r)] for p, c, r in zip(prompts, chosen, rejected, strict=True)
-    )
-    return wins / len(dataset)
+    score = functools.partial(model.score, batch_size=batch_size)
+    return float((reward_differences(score, dataset) > 0).mean())
 
 
 def longer_answer_accuracy(dataset: Dataset) -> float:

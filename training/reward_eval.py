@@ -159,16 +159,7 @@ def evaluate_reward(
         list(pairs["chosen"]),
         list(pairs["rejected"]),
     )
-    unique = list(
-        dict.fromkeys([*zip(prompts, chosen, strict=True), *zip(prompts, rejected, strict=True)])
-    )
-    rewards = dict(zip(unique, score([p for p, _ in unique], [a for _, a in unique]), strict=True))
-    difference = np.array(
-        [
-            rewards[(p, c)] - rewards[(p, r)]
-            for p, c, r in zip(prompts, chosen, rejected, strict=True)
-        ]
-    )
+    difference = reward_differences(score, pairs)
     return evaluation_from_differences(
         difference,
         prompts,
@@ -180,6 +171,22 @@ def evaluate_reward(
         bins=bins,
         resamples=resamples,
         seed=seed,
+    )
+
+
+def reward_differences(score: Scorer, pairs: Dataset) -> np.ndarray:
+    """r(chosen) - r(rejected) per pair, scoring each distinct (prompt, answer) once: a
+    ranking of K answers gives K(K-1)/2 pairs but only K texts to score."""
+    prompts, chosen, rejected = pairs["prompt"], pairs["chosen"], pairs["rejected"]
+    unique = list(
+        dict.fromkeys([*zip(prompts, chosen, strict=True), *zip(prompts, rejected, strict=True)])
+    )
+    rewards = dict(zip(unique, score([p for p, _ in unique], [a for _, a in unique]), strict=True))
+    return np.array(
+        [
+            rewards[(p, c)] - rewards[(p, r)]
+            for p, c, r in zip(prompts, chosen, rejected, strict=True)
+        ]
     )
 
 
