@@ -48,7 +48,9 @@ def test_truncation_keeps_the_answer_and_cuts_the_prompt_from_the_left(tiny_rewa
 
 
 def test_scores_are_batch_invariant_and_in_order(tiny_reward_backbone_dir):
-    model = RewardModel.load(tiny_reward_backbone_dir)
+    # float32: in bfloat16 the padding of a batch moves a score by about 1e-4 (2^-13 steps),
+    # which is not what this test is about.
+    model = RewardModel.load(tiny_reward_backbone_dir, dtype="float32")
     prompts = ["p one", "a longer prompt here", "x"]
     answers = ["yes", "no no no no", "maybe great"]
     together = model.score(prompts, answers, batch_size=3)
