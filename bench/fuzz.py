@@ -149,7 +149,7 @@ def run_http(base: Settings, work: Path, backbone: Path, examples: int, seed_val
     import requests
     from conftest import add_reward_version
 
-    from ml_backend.backend_server import BackendServer
+    from ml_backend.harness.backend_process import BackendServer
 
     settings = base.replace(home=work / "home-http", max_request_bytes=20_000, max_predict_tasks=4)
     add_reward_version(settings, backbone)

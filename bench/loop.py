@@ -27,8 +27,8 @@ import requests
 from label_studio_sdk import LabelStudio
 
 import label_configs
-from ml_backend.backend_server import BackendServer
-from ml_backend.studio import LABEL_STUDIO_VERSION, LabelStudioServer
+from ml_backend.harness.backend_process import BackendServer
+from ml_backend.harness.label_studio_server import LABEL_STUDIO_VERSION, LabelStudioServer
 from training.finegrained import DEFAULT_PATH as DATA
 from training.finegrained import load_finegrained, to_label_studio_tasks
 from training.settings import Settings

@@ -23,8 +23,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from tiny_models import build_tiny_policy, build_tiny_reward_backbone
 
-from ml_backend.backend_server import BackendServer
-from ml_backend.studio import (
+from ml_backend.harness.backend_process import BackendServer
+from ml_backend.harness.label_studio_server import (
     LABEL_STUDIO_VERSION,
     LabelStudioServer,
     LabelStudioStartError,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ml_backend.studio import LABEL_STUDIO_VERSION, pinned_versions
+from ml_backend.harness.label_studio_server import LABEL_STUDIO_VERSION, pinned_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"

@@ -19,8 +19,8 @@ from test_loop_label_studio import wait_for
 from test_reliability import _project_with_annotations
 
 from ml_backend.events import EventLog
+from ml_backend.harness.label_studio_server import free_port
 from ml_backend.jobs import QUEUE_NAME
-from ml_backend.studio import free_port
 from training.registry import Registry
 
 pytestmark = pytest.mark.label_studio

@@ -13,7 +13,7 @@ from conftest import add_reward_version, run_burst_worker, start_redis_server
 from test_loop_label_studio import wait_for
 
 from ml_backend.events import EventLog
-from ml_backend.studio import free_port
+from ml_backend.harness.label_studio_server import free_port
 from training.finegrained import load_finegrained, to_label_studio_tasks
 from training.registry import Registry
 

@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="also play N rounds without a person: a simulated annotator (ml_backend/simulate.py) "
+        help="also play N rounds without a person: a simulated annotator (ml_backend/harness/simulated_annotator.py) "
         "answers tasks, webhooks retrain, and each round's figures are printed",
     )
     parser.add_argument(
@@ -60,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from label_studio_sdk import LabelStudio
 
     import label_configs
-    from ml_backend.backend_server import BackendServer, BackendStartError
-    from ml_backend.studio import LabelStudioServer
+    from ml_backend.harness.backend_process import BackendServer, BackendStartError
+    from ml_backend.harness.label_studio_server import LabelStudioServer
     from ml_backend.tasks import read_prompts
 
     settings = Settings.from_env()
@@ -164,7 +164,7 @@ def simulate(
     """Play `rounds` rounds of annotation and retraining; print one line per round."""
     import requests
 
-    from ml_backend.simulate import SimulatedAnnotator
+    from ml_backend.harness.simulated_annotator import SimulatedAnnotator
     from training.finegrained import DEFAULT_PATH, load_finegrained, to_label_studio_tasks
     from training.registry import Registry
     from training.reward import RewardModel

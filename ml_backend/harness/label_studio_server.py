@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def pinned_versions() -> dict[str, str]:
     """The versions pinned in ml_backend/versions.env (KEY=value lines)."""
-    text = (Path(__file__).parent / "versions.env").read_text()
+    text = (Path(__file__).resolve().parents[1] / "versions.env").read_text()
     pairs = (line.split("=", 1) for line in text.splitlines() if "=" in line)
     return {key.strip(): value.strip() for key, value in pairs if not key.startswith("#")}
 
@@ -48,7 +48,7 @@ def find_label_studio(venv: str | os.PathLike[str] | None = None) -> Path:
         venv,
         os.environ.get("LS_RLHF_LABEL_STUDIO_VENV"),
         Path.cwd() / ".venv-ls",
-        Path(__file__).resolve().parents[1] / ".venv-ls",
+        Path(__file__).resolve().parents[2] / ".venv-ls",
     ]
     for folder in candidates:
         if folder and (Path(folder) / "bin" / "label-studio").is_file():

@@ -9,6 +9,10 @@ How it chooses, for a pairwise task:
   more distinct words, i.e. more content and less repetition; ties go to the first answer.
   It is a stand-in, not a judgment of quality.
 
+With a gold judge (`judge=`, training/judge.py) every task, pairwise or ranking, is
+labelled by that fixed reward model with its label noise instead: it can judge answers the
+current policy just wrote, which recorded human judgments cannot.
+
 Annotations are created through Label Studio's API, so Label Studio fires its real
 webhooks and the backend trains exactly as it would for a person.
 """
@@ -16,13 +20,19 @@ webhooks and the backend trains exactly as it would for a person.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.finegrained import PAIRS
 
+if TYPE_CHECKING:
+    from training.judge import GoldJudge
+
 
 class SimulatedAnnotator:
-    def __init__(self, finegrained_records: list[dict] | None = None) -> None:
+    def __init__(
+        self, finegrained_records: list[dict] | None = None, judge: GoldJudge | None = None
+    ) -> None:
+        self.judge = judge
         # (question, first answer, second answer) -> "left" or "right", from the human data.
         self.human: dict[tuple[str, str, str], str] = {}
         for record in finegrained_records or []:
@@ -32,6 +42,8 @@ class SimulatedAnnotator:
                     self.human[(record["question"], a, b)] = "left" if p == 1 else "right"
 
     def choose(self, data: dict[str, Any]) -> str:
+        if self.judge is not None:
+            return self.judge.prefer(data["prompt"], data["answer1"], data["answer2"])
         key = (data.get("prompt"), data.get("answer1"), data.get("answer2"))
         if key in self.human:
             return self.human[key]
@@ -50,6 +62,23 @@ class SimulatedAnnotator:
                 "to_name": control,
                 "type": "pairwise",
                 "value": {"selected": self.choose(data)},
+            }
+        ]
+
+    def ranking_result(
+        self, data: dict[str, Any], control: str = "rank", to_name: str = "answers"
+    ) -> list[dict[str, Any]]:
+        """A ranking of the task's `items` by the gold judge (ranking needs one)."""
+        if self.judge is None:
+            raise ValueError("ranking tasks of the policy need a gold judge (judge=...)")
+        items = data["items"]
+        order = self.judge.rank(data["prompt"], [item["body"] for item in items])
+        return [
+            {
+                "from_name": control,
+                "to_name": to_name,
+                "type": "ranker",
+                "value": {"ranker": {"rank": [items[i]["id"] for i in order]}},
             }
         ]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import requests
 
-from ml_backend.studio import free_port
+from ml_backend.harness.label_studio_server import free_port
 from training.settings import Settings
 
 
