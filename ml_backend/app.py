@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -28,7 +29,7 @@ from ml_backend.results import InputError, TaskDataError, describe_type
 from ml_backend.serving import ModelHolder
 from ml_backend.training_job import run_training
 from training.label_config import LabelConfigError
-from training.registry import RegistryError
+from training.registry import RegistryError, RegistryWriteError
 from training.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ def create_app(
     if load_models and not holder.ready:
         holder.start_loading()
         holder.start_watching()
+    if load_models:
+        backend.follower.watch()
     if load_models if start_worker is None else start_worker:
         trainer.start()
 
@@ -123,8 +126,14 @@ def create_app(
     @app.errorhandler(RegistryError)
     def registry_error(err: RegistryError):
         log.info("registry: %s", err)
-        message = str(err).replace(f" in {holder.registry.root}", "")
+        # Which folder (the root or a project's lineage) is for the log, not the client.
+        message = re.sub(r" in <server folder>\S*", "", scrub(str(err)))
         return error(f"{message} (`ls-rlhf versions list` shows them)", "version", 404)
+
+    @app.errorhandler(RegistryWriteError)
+    def registry_write_error(err: RegistryWriteError):
+        log.error("registry: %s", err)
+        return error(str(err.strerror or err), "version", 507)
 
     @app.errorhandler(TimeoutError)
     def still_loading(err: TimeoutError):
@@ -180,11 +189,15 @@ def create_app(
     @app.get("/health")
     def health():
         state = "loaded" if holder.ready else ("failed" if holder.load_error else "loading")
-        body = {"status": "UP", "model_class": "RLHFBackend", "models": state}
+        body: dict[str, Any] = {"status": "UP", "model_class": "RLHFBackend", "models": state}
         if holder.ready:
             body["model_version"] = holder.get().model_version
         if holder.load_error:
             body["error"] = scrub(holder.load_error)
+        problems = holder.problems()
+        if problems:
+            # A damaged registry: still serving (the last good versions), but say what is wrong.
+            body["registry"] = problems
         return jsonify(body)
 
     @app.post("/setup")
@@ -263,8 +276,10 @@ def create_app(
 
     @app.route("/versions", methods=["GET", "POST"])
     def versions():
-        registry = holder.registry
         payload = _json_object(empty_ok=True) if request.method == "POST" else {}
+        raw_project = payload.get("project", request.args.get("project"))
+        project = None if raw_project is None else parse_project_id(raw_project)
+        registry = holder.registry_for(project)  # that project's lineage (root without one)
         if payload.get("kind") is not None or payload.get("version") is not None:
             kind, version = payload.get("kind"), payload.get("version")
             if kind not in ("policy", "reward"):
@@ -282,7 +297,7 @@ def create_app(
             promoted = registry.promote(kind, version)
             holder.refresh_soon()
             log.info("promoted %s through /versions", promoted.label)
-        served = holder.get(timeout=0.1).model_version if holder.ready else None
+        served = holder.model_version_for(project) if holder.ready else None
         listing = {
             kind: [v.label for v in registry.versions(kind)] for kind in ("policy", "reward")
         }

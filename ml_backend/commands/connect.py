@@ -6,8 +6,9 @@ import argparse
 import base64
 
 from ml_backend.cli import UserError
-from ml_backend.label_studio import LabelStudioError, client, describe, get_project
+from ml_backend.sampling import turn_on_uncertainty_sampling
 from training.label_config import read_schema
+from training.label_studio_client import LabelStudioError, client, describe, get_project
 from training.settings import Settings
 
 WEBHOOK_ACTIONS = [
@@ -34,6 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--config", help="also set the label config: a name in label_configs/ or an .xml file"
     )
     parser.add_argument("--title", default="ls-rlhf", help="name of the ML backend in Label Studio")
+    parser.add_argument(
+        "--keep-sampling",
+        action="store_true",
+        help='leave the project\'s task sampling as it is (default: "Uncertainty sampling", the '
+        "least certain prediction first, on the version the backend serves)",
+    )
     parser.add_argument("--url", help="Label Studio URL (default: LS_RLHF_LABEL_STUDIO_URL)")
     parser.add_argument(
         "--api-key", help="Label Studio API key (default: LS_RLHF_LABEL_STUDIO_API_KEY)"
@@ -82,11 +89,34 @@ def run(args: argparse.Namespace) -> int:
             )
             print(f"project {args.project}: ML backend {ml.id} connected")
         _ensure_webhook(ls, args.project, f"{backend_url}/webhook", settings)
+        print(
+            turn_on_uncertainty_sampling(
+                ls, args.project, _served_version(backend_url, settings), not args.keep_sampling
+            )
+        )
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - SDK/HTTP errors become one clear line
         raise UserError(describe(err, f"project {args.project}")) from None
     return 0
+
+
+def _served_version(backend_url: str, settings: Settings) -> str | None:
+    """The model version the backend's predictions carry (its /health), or None while it loads
+    (the backend then sets the project's version itself once it has predicted)."""
+    import requests
+
+    auth = (
+        (settings.basic_auth_user, settings.basic_auth_password)
+        if settings.basic_auth_user
+        else None
+    )
+    try:
+        answer = requests.get(f"{backend_url}/health", auth=auth, timeout=10)
+        answer.raise_for_status()
+        return answer.json().get("model_version")
+    except (requests.RequestException, ValueError):
+        return None
 
 
 def _ensure_webhook(ls, project_id: int, url: str, settings: Settings) -> None:

@@ -1,0 +1,204 @@
+"""Uncertainty sampling, really on: `ls-rlhf connect` turns it on, the project's model version
+follows the served one, and Label Studio's next task is the least certain prediction, first
+on one reward version, then on the next one after it is served."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from ml_backend.cli import main as cli
+from ml_backend.sampling import UNCERTAINTY_SAMPLING
+from training.registry import Registry
+
+pytestmark = pytest.mark.label_studio
+
+TASKS = [
+    {
+        "prompt": f"Question {i}: what should I know about {topic}?",
+        "answer1": f"{topic} is {good}.",
+        "answer2": f"I do not know much about {topic}, {bad}.",
+    }
+    for i, (topic, good, bad) in enumerate(
+        [
+            ("Paris", "the capital of France", "maybe a city"),
+            ("water", "boiling at one hundred degrees", "it is wet"),
+            ("plants", "making food from sunlight", "they are green"),
+            ("the fox", "quick and brown", "an animal"),
+            ("doctors", "people who treat patients", "a job"),
+            ("numbers", "one two three", "yes no maybe"),
+        ]
+    )
+]
+
+
+def add_different_reward_version(settings, backbone_dir, seed: int):
+    """A second reward version whose scores differ: the tiny classifier with its head redrawn."""
+    import torch
+
+    from training.models import load_sequence_classifier
+
+    registry = Registry(settings.registry_dir)
+    model, tokenizer = load_sequence_classifier(str(backbone_dir))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith(("classifier", "score")):
+                param.copy_(torch.randn(param.shape, generator=generator) * 20.0)
+    with registry.stage("reward") as staged:
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        return registry.commit("reward", staged, {"note": "redrawn head"}, promote=True)
+
+
+def wait(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"{what} after {timeout} s")
+
+
+def scores_of(ls_client, task_ids, model_version):
+    """Each task's score from its prediction of `model_version`."""
+    found = {}
+    for tid in task_ids:
+        preds = [
+            p for p in ls_client.predictions.list(task=tid) if p.model_version == model_version
+        ]
+        if preds:
+            found[tid] = preds[0].score
+    return found
+
+
+def next_tasks(label_studio, ls_client, project_id: int, count: int) -> list[int]:
+    """The tasks Label Studio serves one annotator, each annotated before asking again."""
+    served = []
+    headers = {"Authorization": f"Token {label_studio.token}"}
+    for _ in range(count):
+        answer = requests.get(
+            f"{label_studio.url}/api/projects/{project_id}/next", headers=headers, timeout=30
+        )
+        answer.raise_for_status()
+        task_id = answer.json()["id"]
+        served.append(task_id)
+        ls_client.annotations.create(
+            id=task_id,
+            result=[
+                {
+                    "from_name": "comparison",
+                    "to_name": "comparison",
+                    "type": "pairwise",
+                    "value": {"selected": "left"},
+                }
+            ],
+            ground_truth=False,
+        )
+    return served
+
+
+@pytest.fixture
+def backend32(settings, label_studio, start_backend, monkeypatch):
+    """A backend scoring in float32 (bfloat16 rounds the tiny model's small differences away),
+    reaching the session's Label Studio; the CLI in this process reaches both."""
+    settings = settings.replace(
+        label_studio_url=label_studio.url, label_studio_api_key=label_studio.token, dtype="float32"
+    )
+    for key, value in settings.to_env(base={}).items():
+        monkeypatch.setenv(key, value)
+    return settings, start_backend(settings)
+
+
+def test_next_task_is_the_least_certain_and_follows_a_new_version(
+    backend32, make_project, ls_client, label_studio, tiny_reward_backbone_dir, capsys
+):
+    settings, backend = backend32
+    # The untrained tiny classifier scores every answer nearly alike; a redrawn head tells
+    # them apart.
+    first_version = (
+        f"policy-base+{add_different_reward_version(settings, tiny_reward_backbone_dir, 3).label}"
+    )
+    wait(
+        lambda: (
+            requests.get(f"{backend.url}/health", timeout=5).json().get("model_version")
+            == first_version
+        ),
+        60,
+        f"the backend does not serve {first_version}",
+    )
+    project = make_project("pairwise")
+    ids = ls_client.projects.import_tasks(
+        id=project.id, request=[{"data": t} for t in TASKS], return_task_ids=True
+    ).task_ids
+
+    assert cli(["connect", "--project", str(project.id), "--backend-url", backend.url]) == 0
+    said = capsys.readouterr().out
+    # No prediction of the served version exists yet: Label Studio would refuse the version.
+    assert f'sampling "{UNCERTAINTY_SAMPLING}"' in said and first_version in said
+    assert ls_client.projects.get(id=project.id).sampling == UNCERTAINTY_SAMPLING
+
+    ls_client.actions.create(
+        id="retrieve_tasks_predictions",
+        project=project.id,
+        selected_items={"all": False, "included": ids},
+    )
+    first = wait(
+        lambda: (s := scores_of(ls_client, ids, first_version)) and len(s) == len(ids) and s,
+        60,
+        "no predictions",
+    )
+    # The backend sets the project's version once Label Studio holds its predictions.
+    wait(
+        lambda: ls_client.projects.get(id=project.id).model_version == first_version,
+        30,
+        f"the project's model_version did not become {first_version}",
+    )
+    assert len(set(first.values())) == len(ids), first  # distinct scores: an order to check
+    by_score = sorted(ids, key=first.get)
+    served_first = next_tasks(label_studio, ls_client, project.id, 3)
+    assert served_first == by_score[:3], (served_first, first)
+
+    # A retrain: a new reward version is promoted; the backend serves it, asks Label Studio to
+    # predict the unlabeled tasks with it, and the project follows.
+    second = add_different_reward_version(settings, tiny_reward_backbone_dir, seed=7)
+    second_version = f"policy-base+{second.label}"
+    rest = [tid for tid in ids if tid not in served_first]
+    new = wait(
+        lambda: (s := scores_of(ls_client, rest, second_version)) and len(s) == len(rest) and s,
+        90,
+        f"no predictions of {second_version}",
+    )
+    wait(
+        lambda: ls_client.projects.get(id=project.id).model_version == second_version,
+        30,
+        f"the project's model_version did not follow to {second_version}",
+    )
+    new_order = sorted(rest, key=new.get)
+    old_order = sorted(rest, key=first.get)
+    assert new_order != old_order, (new, first)  # else the test could not tell them apart
+    assert next_tasks(label_studio, ls_client, project.id, len(rest)) == new_order, (new, first)
+
+
+def test_connect_can_leave_sampling_alone(backend32, make_project, ls_client, capsys):
+    _, backend = backend32
+    project = make_project("pairwise")
+    before = ls_client.projects.get(id=project.id).sampling
+    assert (
+        cli(
+            [
+                "connect",
+                "--project",
+                str(project.id),
+                "--backend-url",
+                backend.url,
+                "--keep-sampling",
+            ]
+        )
+        == 0
+    )
+    assert "sampling left as it was" in capsys.readouterr().out
+    assert ls_client.projects.get(id=project.id).sampling == before != UNCERTAINTY_SAMPLING
