@@ -6,6 +6,10 @@ throughout, so a swap never mixes two versions inside one request and never drop
 request in flight. `refresh()` notices a new "current" pointer in the registry (written
 by training, possibly in another process), loads the new models outside any lock, then
 replaces the reference in one assignment.
+
+With several Label Studio projects, each project's lineage (training/registry.py,
+`lineage`) has its own snapshot, loaded the first time the project asks; snapshots that
+name the same version folder share its loaded model.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.models import load_causal_lm, resolve_policy
-from training.registry import Registry, Version
+from training.registry import Registry, Version, lineage
 from training.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,8 +61,9 @@ class ModelHolder:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.registry = Registry(settings.registry_dir)
-        self._served: Served | None = None
+        self.registry = Registry(settings.registry_dir)  # the root lineage
+        # One snapshot per lineage (keyed by its registry root); the root's is loaded first.
+        self._snapshots: dict[Path, Served] = {}
         self._load_lock = threading.Lock()
         self._loaded = threading.Event()
         self.load_error: str | None = None
@@ -66,8 +72,18 @@ class ModelHolder:
         self.compute_lock = threading.Lock()
 
     @property
+    def _served(self) -> Served | None:
+        return self._snapshots.get(self.registry.root)
+
+    @property
     def ready(self) -> bool:
         return self._served is not None
+
+    def registry_for(self, project: int | None, claim: bool = False) -> Registry:
+        """The registry of the project's lineage (the root for None)."""
+        if project is None:
+            return self.registry
+        return lineage(self.settings.registry_dir, project, claim=claim)
 
     def start_loading(self) -> None:
         """Load in a background thread so the server answers /health and /setup at once."""
@@ -103,47 +119,86 @@ class ModelHolder:
             log.exception("loading the new version failed; still serving the previous one")
             return False
 
+    def model_version_for(self, project: int | None = None) -> str:
+        """The version a project's predictions carry now: its loaded snapshot's, else its
+        registry's."""
+        registry = self.registry_for(project)
+        served = self._snapshots.get(registry.root)
+        return served.model_version if served else model_version_of(registry)
+
     @property
     def model_version(self) -> str:
         """The version predictions carry now: the loaded snapshot's, else the registry's."""
-        served = self._served
-        return served.model_version if served else model_version_of(self.registry)
+        return self.model_version_for(None)
 
-    def get(self, timeout: float | None = None) -> Served:
-        """The current snapshot, waiting for the first load if needed."""
+    def get(self, timeout: float | None = None, project: int | None = None) -> Served:
+        """The current snapshot (of the project's lineage), waiting for the first load."""
         if self._served is None:
             if not self._loaded.wait(timeout):
                 raise TimeoutError("models are still loading; try again in a few seconds")
             if self._served is None:
                 raise RuntimeError(f"models failed to load: {self.load_error}")
-        return self._served
+        if project is None:
+            return self._served
+        registry = self.registry_for(project)
+        served = self._snapshots.get(registry.root)
+        if served is None:
+            self._refresh_lineage(registry)  # this project's first request: load its versions
+            served = self._snapshots[registry.root]
+        return served
 
-    def wanted_versions(self) -> tuple[Version | None, Version | None]:
-        return self.registry.current("policy"), self.registry.current("reward")
+    def wanted_versions(
+        self, registry: Registry | None = None
+    ) -> tuple[Version | None, Version | None]:
+        registry = registry or self.registry
+        return registry.current("policy"), registry.current("reward")
+
+    def problems(self) -> list[str]:
+        """What is wrong in the registries of the lineages served, for /health."""
+        lines = []
+        for root in list(self._snapshots) or [self.registry.root]:
+            prefix = "" if root == self.registry.root else f"project {root.name}: "
+            lines += [prefix + line for line in Registry(root).problems()]
+        return lines
 
     def refresh(self) -> bool:
-        """Load whatever the registry names as current, if it differs; True if swapped."""
+        """Load whatever the registries name as current, where it differs; True if swapped."""
+        swapped = self._refresh_lineage(self.registry)
+        for root in list(self._snapshots):
+            if root != self.registry.root:
+                swapped = self._refresh_lineage(Registry(root)) or swapped
+        return swapped
+
+    def _refresh_lineage(self, registry: Registry) -> bool:
         with self._load_lock:
-            policy_version, reward_version = self.wanted_versions()
-            served = self._served
+            policy_version, reward_version = self.wanted_versions(registry)
+            served = self._snapshots.get(registry.root)
             if (
                 served
                 and _same(served.policy_version, policy_version)
                 and _same(served.reward_version, reward_version)
             ):
                 return False
-            if served and _same(served.policy_version, policy_version):
-                policy, tokenizer = served.policy, served.tokenizer
+            others = [s for s in self._snapshots.values() if s is not served]
+            policy_from = next(
+                (s for s in [served, *others] if s and _same(s.policy_version, policy_version)),
+                None,
+            )
+            if policy_from:
+                policy, tokenizer = policy_from.policy, policy_from.tokenizer
             else:
                 policy, tokenizer = self._load_policy(policy_version)
-            if served and _same(served.reward_version, reward_version):
-                reward = served.reward
-            else:
-                reward = self._load_reward(reward_version)
-            self._served = Served(
+            reward_from = next(
+                (s for s in [served, *others] if s and _same(s.reward_version, reward_version)),
+                None,
+            )
+            reward = reward_from.reward if reward_from else self._load_reward(reward_version)
+            snapshot = Served(
                 policy, tokenizer, policy_version, reward, reward_version, time.time()
             )
-            log.info("serving %s", self._served.model_version)
+            self._snapshots[registry.root] = snapshot
+            where = "" if registry.root == self.registry.root else f" for {registry.root.name}"
+            log.info("serving %s%s", snapshot.model_version, where)
             return True
 
     def _load_policy(
@@ -175,4 +230,5 @@ class ModelHolder:
 
 
 def _same(a: Version | None, b: Version | None) -> bool:
-    return (a.name if a else None) == (b.name if b else None)
+    """The same version folder: v1 of two lineages is two versions."""
+    return (a.path if a else None) == (b.path if b else None)

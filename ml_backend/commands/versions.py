@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ml_backend.cli import UserError
-from training.registry import Registry
+from training.registry import Registry, lineage, lineages
 from training.settings import Settings
 
 
@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="list, pin or roll back model versions (the backend serves the change within seconds)",
         description="Versions live in the registry under LS_RLHF_HOME/registry. `pin` makes a version the "
         "one served; `rollback` pins the version that was current before the current one (its parent). "
-        "A running backend picks the change up without a restart.",
+        "A running backend picks the change up without a restart. Each Label Studio project has its "
+        "own lineage of versions (docs/deployment.md): --project chooses it; `list` without it shows "
+        "every lineage. A damaged version or pointer is listed with what is wrong.",
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="every version with its metrics")
@@ -25,24 +27,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     pin.add_argument("version", help="e.g. v2")
     rollback = actions.add_parser("rollback", help="serve the version before the current one")
     rollback.add_argument("kind", choices=["reward", "policy"])
+    for action in (listing, pin, rollback):
+        action.add_argument(
+            "--project", type=int, help="the Label Studio project whose lineage to use"
+        )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    registry = Registry(Settings.from_env().registry_dir)
+    root = Settings.from_env().registry_dir
+    if args.project is not None and args.project < 1:
+        raise UserError(f"--project must be a project id (a positive integer), not {args.project}")
     if args.action == "list":
-        for kind in [args.kind] if args.kind else ["reward", "policy"]:
-            current = registry.current(kind)
-            versions = registry.versions(kind)
-            if not versions:
-                print(f"{kind}: no versions yet")
-            for v in versions:
-                shown = _held_out(v.metadata)
-                marker = "*" if current and current.name == v.name else " "
-                print(
-                    f"{marker} {v.label:<12} {v.metadata.get('created_at', '')}  parent {v.metadata.get('parent')}  {shown}"
-                )
+        chosen = (
+            {args.project: lineage(root, args.project)}
+            if args.project is not None
+            else lineages(root)
+        )
+        for project, registry in chosen.items():
+            if len(chosen) > 1 or project is not None:
+                print(f"project {project}:" if project is not None else "(no project yet):")
+            _list(registry, [args.kind] if args.kind else ["reward", "policy"])
         return 0
+    registry = lineage(root, args.project)
     if args.action == "pin":
         version = registry.promote(args.kind, args.version)
         print(f"{version.label} is now served")
@@ -55,6 +62,26 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{current.label} has no previous version to roll back to")
     print(f"{registry.promote(args.kind, parent).label} is now served (was {current.label})")
     return 0
+
+
+def _list(registry: Registry, kinds: list[str]) -> None:
+    for kind in kinds:
+        current = registry.current(kind)
+        versions = registry.versions(kind)
+        damaged = registry.damaged(kind)
+        if not versions and not damaged:
+            print(f"{kind}: no versions yet")
+        for v in versions:
+            shown = _held_out(v.metadata)
+            marker = "*" if current and current.name == v.name else " "
+            print(
+                f"{marker} {v.label:<12} {v.metadata.get('created_at', '')}  parent {v.metadata.get('parent')}  {shown}"
+            )
+        for name, problem in damaged.items():
+            print(f"! {kind}-{name:<5}      damaged: {problem}; never served")
+    for problem in registry.problems():
+        if "CURRENT" in problem and problem.split("/")[0] in kinds:
+            print(f"! {problem}")
 
 
 def _held_out(metadata: dict) -> str:
