@@ -75,6 +75,8 @@ def create_app(
     if load_models and not holder.ready:
         holder.start_loading()
         holder.start_watching()
+    if load_models:
+        backend.follower.watch()
     if load_models if start_worker is None else start_worker:
         trainer.start()
 

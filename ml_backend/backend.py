@@ -31,9 +31,11 @@ from ml_backend.results import (
     task_answers,
     task_prompt,
 )
+from ml_backend.sampling import VersionFollower
 from ml_backend.serving import ModelHolder, Served, model_version_of
 from training.generation import generate_completions
 from training.label_config import LabelConfigError, Schema, read_schema
+from training.label_studio_client import client as label_studio_client
 from training.registry import Registry
 from training.settings import Settings
 
@@ -80,6 +82,10 @@ class RLHFBackend:
         self.trainer: Trainer | None = None  # set by the app
         # What Label Studio told /setup per project: where it is and a token to call it back.
         self.label_studio_access: dict[int, tuple[str, str]] = {}
+        # Keeps each project's model_version (what uncertainty sampling reads) on the served one.
+        self.follower = VersionFollower(
+            self._label_studio_client, lambda: holder.model_version if holder.ready else None
+        )
         self.stats = {
             "predict_requests": 0,
             "predicted_tasks": 0,
@@ -126,6 +132,7 @@ class RLHFBackend:
                 self.events.connect(project_id, "/setup")
             if hostname and token:
                 self.label_studio_access[project_id] = (hostname, token)
+            self.follower.know(project_id)
         if model_version_of(registry) != self.holder.model_version_for(project_id):
             self.holder.refresh_soon()
         return {"model_version": self.holder.model_version_for(project_id)}
@@ -224,6 +231,8 @@ class RLHFBackend:
                 len(rest),
                 job.id,
             )
+        if len(rest) < len(items):
+            self.follower.predictions_made(project_id, served.model_version)
         with self._stats_lock:
             self.stats["predict_requests"] += 1
             self.stats["predicted_tasks"] += len(tasks) - len(rest)
@@ -307,6 +316,8 @@ class RLHFBackend:
                 )
             else:
                 job.state = "done"
+                if job.delivered:
+                    self.follower.predictions_made(job.project_id, job.model_version)
         except Exception as err:
             log.exception("delivering predictions failed")
             job.state, job.error = "failed", f"{type(err).__name__}: {err}"
@@ -314,15 +325,11 @@ class RLHFBackend:
             job.finished_at = time.time()
 
     def _label_studio_client(self, project_id: int | None):
-        from label_studio_sdk import LabelStudio
-
         if self.settings.label_studio_api_key:
-            return LabelStudio(
-                base_url=self.settings.label_studio_url, api_key=self.settings.label_studio_api_key
-            )
+            return label_studio_client(self.settings)
         if project_id in self.label_studio_access:
             hostname, token = self.label_studio_access[project_id]
-            return LabelStudio(base_url=hostname, api_key=token)
+            return label_studio_client(url=hostname, api_key=token)
         return None
 
     # -- /webhook ---------------------------------------------------------------------------
