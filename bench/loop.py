@@ -133,7 +133,7 @@ def main() -> None:
         shutil.copytree(template, studio.data_dir, dirs_exist_ok=True)
     studio.start()
     try:
-        ls = LabelStudio(base_url=studio.url, api_key=studio.token)
+        ls = studio.client()
         rows = [run_size(n, studio, ls, args.cold_steps, workdir) for n in args.sizes]
     finally:
         studio.stop()

@@ -199,11 +199,10 @@ def next_round(
     registry: Registry,
 ) -> int:
     """New comparison tasks from the current policy (InstructGPT's steps two and three repeat)."""
-    from label_studio_sdk import LabelStudio
-
     from ml_backend.tasks import completions_needed, task_data
     from training.generation import generate_completions
     from training.label_config import read_schema
+    from training.label_studio_client import client as label_studio_client
     from training.models import load_causal_lm
 
     version = registry.current("policy")
@@ -233,7 +232,7 @@ def next_round(
         for p, c in zip(chosen, completions, strict=True)
     ]
     # The SDK types the request as its own models; it sends plain task dicts as they are.
-    LabelStudio(base_url=url, api_key=key).projects.import_tasks(
+    label_studio_client(url=url, api_key=key).projects.import_tasks(
         id=project_id,
         request=tasks,  # type: ignore[arg-type]
     )

@@ -109,9 +109,7 @@ def label_studio(tmp_path_factory) -> LabelStudioServer:
 
 @pytest.fixture(scope="session")
 def ls_client(label_studio):
-    from label_studio_sdk import LabelStudio
-
-    return LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    return label_studio.client()
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 
 A snapshot export with full predictions is used (not the quick JSON export, whose
 predictions are ids only), so a Demonstration can know the model's draft and an
-annotation can be compared with the prediction it started from. The SDK handles both
-kinds of API key: a legacy token, or a personal access token (a JWT it refreshes itself).
+annotation can be compared with the prediction it started from. The client and its
+error messages come from training/label_studio_client.py.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from training.label_config import read_schema
+from training.label_studio_client import LabelStudioError, client, describe
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +39,16 @@ def pull_export(
     tried again, `attempts` times in all, waiting `backoff` s, then twice that, ... (at
     most 30 s); then an ExportError says what happened on each attempt. A refusal that
     another try cannot change (a bad key, a missing project) fails at once."""
-    if not api_key:
-        raise ExportError(
-            "no Label Studio API key: set LS_RLHF_LABEL_STUDIO_API_KEY or pass --api-key"
-        )
+    try:
+        # The SDK's own retries are off: this function's are bounded and logged.
+        ls = client(url=url, api_key=api_key, timeout=request_timeout, max_retries=0)
+    except LabelStudioError as err:
+        raise ExportError(str(err)) from None
     attempts = max(1, attempts)
     tried: list[str] = []
     for attempt in range(1, attempts + 1):
         try:
-            return _pull_once(url, api_key, project_id, timeout, request_timeout)
+            return _pull_once(ls, url, project_id, timeout)
         except _Transient as err:
             tried.append(str(err))
             if attempt == attempts:
@@ -72,16 +74,9 @@ class _Transient(Exception):
     """A failure another attempt may not have: unreachable, too slow, 5xx or 429."""
 
 
-def _pull_once(
-    url: str, api_key: str, project_id: int, timeout: float, request_timeout: float
-) -> tuple[list[dict], str]:
-    from label_studio_sdk import LabelStudio
+def _pull_once(ls: Any, url: str, project_id: int, timeout: float) -> tuple[list[dict], str]:
     from label_studio_sdk.types import SerializationOptionRequest, SerializationOptionsRequest
 
-    # The SDK's own retries are off: this function's are bounded and logged.
-    ls = LabelStudio(
-        base_url=url.rstrip("/"), api_key=api_key, timeout=request_timeout, max_retries=0
-    )
     try:
         project = ls.projects.get(id=project_id)
         snapshot = ls.projects.exports.create(
@@ -108,8 +103,8 @@ def _pull_once(
     except Exception as err:  # noqa: BLE001 - httpx and SDK errors become one clear message
         status_code = getattr(err, "status_code", None)
         if status_code is None or status_code >= 500 or status_code in (408, 429):
-            raise _Transient(_describe(err, url, project_id)) from None
-        raise ExportError(_describe(err, url, project_id)) from None
+            raise _Transient(describe(err, f"project {project_id}", url)) from None
+        raise ExportError(describe(err, f"project {project_id}", url)) from None
     try:
         tasks = json.loads(raw)
     except ValueError:
@@ -149,18 +144,3 @@ def prompts_from_tasks(tasks: list[dict[str, Any]], label_config: str) -> list[s
         if isinstance(prompt, str) and prompt.strip():
             seen.setdefault(prompt, None)
     return list(seen)
-
-
-def _describe(err: Exception, url: str, project_id: int) -> str:
-    status = getattr(err, "status_code", None)
-    if status == 401:
-        return (
-            f"Label Studio at {url} refused the API key (401): check LS_RLHF_LABEL_STUDIO_API_KEY"
-        )
-    if status == 404:
-        return (
-            f"project {project_id} does not exist at {url} (404): check the id in the project's URL"
-        )
-    if status is not None:
-        return f"Label Studio at {url} answered {status}: {str(getattr(err, 'body', err))[:300]}"
-    return f"could not reach Label Studio at {url} ({type(err).__name__}: {err}): check LS_RLHF_LABEL_STUDIO_URL"

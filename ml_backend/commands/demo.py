@@ -57,8 +57,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from label_studio_sdk import LabelStudio
-
     import label_configs
     from ml_backend.harness.backend_process import BackendServer, BackendStartError
     from ml_backend.harness.label_studio_server import LabelStudioServer
@@ -91,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     backend_url = backend.url
     try:
         backend.launch()
-        ls = LabelStudio(base_url=studio.url, api_key=studio.token)
+        ls = studio.client()
         project = ls.projects.create(title=f"ls-rlhf demo ({args.config})", label_config=xml)
         if project.id is None:
             raise UserError(f"Label Studio at {studio.url} created a project without an id")

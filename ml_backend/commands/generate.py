@@ -9,8 +9,8 @@ from typing import Any
 from tqdm import tqdm
 
 from ml_backend.cli import UserError
-from ml_backend.label_studio import LabelStudioError, client, describe, get_project
 from training.label_config import read_schema
+from training.label_studio_client import LabelStudioError, client, describe, get_project
 from training.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,13 +67,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from None
     schema = read_schema(project.label_config)
 
-    existing: list = []
+    existing: list[Any] = []
     if args.prompts:
         prompts = prompts_from_file
     else:
-        existing = [
-            t for t in ls.tasks.list(project=args.project) if _needs_answers(t.data or {}, schema)
-        ]
+        listed: list[Any] = list(ls.tasks.list(project=args.project))
+        existing = [t for t in listed if _needs_answers(t.data or {}, schema)]
         prompts = [t.data[schema.prompt_field] for t in existing]
         if not prompts:
             raise UserError(
@@ -111,11 +110,15 @@ def run(args: argparse.Namespace) -> int:
                 f"updated {len(existing)} tasks in project {args.project} with {served.model_version}"
             )
         else:
+            # The SDK types the request as its own models; it sends plain task dicts as they
+            # are. Its response model does not declare the task_ids it returns.
             response = ls.projects.import_tasks(
-                id=args.project, request=tasks, return_task_ids=True
+                id=args.project,
+                request=tasks,  # type: ignore[arg-type]
+                return_task_ids=True,
             )
             print(
-                f"imported {len(response.task_ids or tasks)} tasks into project {args.project} with {served.model_version}"
+                f"imported {len(getattr(response, 'task_ids', None) or tasks)} tasks into project {args.project} with {served.model_version}"
             )
     except Exception as err:  # noqa: BLE001 - SDK/HTTP errors become one clear line
         raise UserError(describe(err, f"project {args.project}")) from None

@@ -3,6 +3,6 @@
 Nothing here is part of the served backend: these modules start a real Label Studio
 (`label_studio_server`) and a real `ls-rlhf serve` (`backend_process`) as child processes
 on loopback, and play the person in the loop (`simulated_annotator`). Kept apart from
-`ml_backend.label_studio` (the backend's client of Label Studio) and `ml_backend.serving`
+`training.label_studio_client` (the one Label Studio client) and `ml_backend.serving`
 (what the backend serves), whose names they used to echo.
 """

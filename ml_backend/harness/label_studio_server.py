@@ -18,6 +18,12 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from training.label_studio_client import client
+
+if TYPE_CHECKING:
+    from label_studio_sdk import LabelStudio
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +172,10 @@ class LabelStudioServer:
         raise LabelStudioStartError(
             f"Label Studio did not answer /health in {timeout:.0f} s; see {self.log_path}"
         )
+
+    def client(self) -> LabelStudio:
+        """An SDK client logged in as this server's admin."""
+        return client(url=self.url, api_key=self.token)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
