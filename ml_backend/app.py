@@ -81,7 +81,6 @@ def create_app(
         trainer.start()
 
     app = Flask("ls_rlhf")
-    app.config["SETTINGS"] = settings
     # Werkzeug refuses a longer body (Content-Length or a chunked stream) with a 413.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     scrub = _scrubber(settings)

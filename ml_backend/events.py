@@ -17,8 +17,6 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,10 +71,6 @@ class Event:
     project_id: int | None
     task_id: int | None
     annotation_ids: tuple[int, ...]
-
-    @property
-    def is_annotation_change(self) -> bool:
-        return self.action in ANNOTATION_ACTIONS
 
 
 def project_id_of(value: Any) -> int | None:
@@ -203,8 +197,7 @@ class EventLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._connect() as db:
-            db.executescript(_SCHEMA)
+        self._db().executescript(_SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -215,32 +208,25 @@ class EventLog:
             self._local.db = db
         return db
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        yield self._db()
-
     def record(self, payload: Any) -> Event:
         action, project_id, task_id, annotation_ids = summarize(payload)
         now = time.time()
-        with self._connect() as db:
-            cursor = db.execute(
-                "INSERT INTO events (received_at, action, project_id, task_id, annotation_ids) VALUES (?, ?, ?, ?, ?)",
-                (now, action, project_id, task_id, json.dumps(list(annotation_ids))),
-            )
+        cursor = self._db().execute(
+            "INSERT INTO events (received_at, action, project_id, task_id, annotation_ids) VALUES (?, ?, ?, ?, ?)",
+            (now, action, project_id, task_id, json.dumps(list(annotation_ids))),
+        )
         assert cursor.lastrowid is not None  # set by every INSERT
         return Event(cursor.lastrowid, now, action, project_id, task_id, annotation_ids)
 
     def connect(self, project_id: int, via: str) -> None:
         """Remember that a project talks to this backend (Label Studio's /setup, /predict)."""
-        with self._connect() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO projects (id, connected_at, via) VALUES (?, ?, ?)",
-                (project_id, time.time(), via),
-            )
+        self._db().execute(
+            "INSERT OR IGNORE INTO projects (id, connected_at, via) VALUES (?, ?, ?)",
+            (project_id, time.time(), via),
+        )
 
     def is_connected(self, project_id: int) -> bool:
-        with self._connect() as db:
-            row = db.execute("SELECT 1 FROM projects WHERE id = ?", (project_id,)).fetchone()
+        row = self._db().execute("SELECT 1 FROM projects WHERE id = ?", (project_id,)).fetchone()
         return row is not None
 
     def events(
@@ -254,8 +240,7 @@ class EventLog:
         query += " ORDER BY id"
         if limit:
             query += f" LIMIT {int(limit)}"
-        with self._connect() as db:
-            rows = db.execute(query, args).fetchall()
+        rows = self._db().execute(query, args).fetchall()
         return [Event(r[0], r[1], r[2], r[3], r[4], tuple(json.loads(r[5]))) for r in rows]
 
     def count(
@@ -269,10 +254,8 @@ class EventLog:
             query += " AND project_id = ?"
             args.append(project_id)
         query += " GROUP BY action"
-        with self._connect() as db:
-            rows = db.execute(query, args).fetchall()
+        rows = self._db().execute(query, args).fetchall()
         return sum(n for action, n in rows if actions is None or action in actions)
 
     def last_id(self) -> int:
-        with self._connect() as db:
-            return db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+        return self._db().execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]

@@ -188,11 +188,11 @@ class JobStore:
             (state, message, json.dumps(metrics or {}, default=str), time.time(), state, job_id),
         )
 
-    def requeue_abandoned(self, worker_prefix: str | None = None) -> int:
+    def requeue_abandoned(self) -> int:
         """Queue again the jobs left running by a process that is gone."""
         with self._lock, _transaction(self._db()) as db:
             rows = db.execute("SELECT id, worker FROM jobs WHERE state = 'running'").fetchall()
-            dead = [job_id for job_id, worker in rows if not _alive(worker, worker_prefix)]
+            dead = [job_id for job_id, worker in rows if not _alive(worker)]
             for job_id in dead:
                 db.execute(
                     "UPDATE jobs SET state = 'queued', message = 'queued again: its worker stopped mid-run' WHERE id = ?",
@@ -381,7 +381,7 @@ def _redacted(url: str) -> str:
     return f"{head.split('//', 1)[0]}//***@{tail}" if at else url
 
 
-def _alive(worker: str | None, prefix: str | None) -> bool:
+def _alive(worker: str | None) -> bool:
     """Whether the process that claimed a job still runs (same machine only)."""
     if not worker:
         return False

@@ -60,19 +60,6 @@ class Schema:
     refinement: str | None = None  # TextArea of a rewritten answer
     reward_display: str | None = None  # TextArea where the backend shows rewards
 
-    @property
-    def num_answers(self) -> int | None:
-        """Answers per task, or None when a List holds any number (ranking)."""
-        return None if self.list_tag else len(self.answer_tags)
-
-    def field_of(self, tag: str) -> str:
-        for t, f in zip(self.answer_tags, self.answer_fields, strict=True):
-            if t == tag:
-                return f
-        if tag == self.prompt_tag:
-            return self.prompt_field
-        raise KeyError(tag)
-
 
 def read_schema(config_xml: str) -> Schema:
     """The roles of a labeling config; LabelConfigError if it fits no RLHF kind."""
