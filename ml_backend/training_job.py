@@ -22,6 +22,7 @@ from typing import Any
 from datasets import Dataset
 
 from ml_backend.jobs import Job, JobStore, execute_job
+from ml_backend.overoptimization import alarm_reasons, live_accuracy, previous_live_accuracy
 from training.datasets import HELD_OUT_FRACTION, MIN_PAIRS, preference_dataset, split_by_prompt
 from training.export import prompts_from_tasks, pull_export
 from training.feedback import parse_export
@@ -65,6 +66,9 @@ def run_training(
         }
     split = split_by_prompt(pairs, HELD_OUT_FRACTION, seed=settings.seed)
     registry = Registry(settings.registry_dir)
+    # Before training: the served proxy on the labels of the served policy's answers.
+    live = live_accuracy(tasks, config, registry) if settings.loop_policy == "ppo" else {}
+    summary.update(live)
     warm = registry.current("reward") is not None
     train_config = RewardTrainingConfig(seed=settings.seed, warm_start=warm)
     if settings.reward_max_steps > 0:
@@ -107,9 +111,11 @@ def run_training(
     if result.promoted and settings.loop_policy != "none":
         progress(0.96, f"policy step ({settings.loop_policy})")
         prompts = prompts_from_tasks(tasks, config)
-        policy = policy_step(settings, registry, prompts, split["train"], job)
+        policy = policy_step(settings, registry, prompts, split["train"], job, live)
         metrics.update(policy)
         metrics["message"] += f"; {policy['policy_version']} trained with {settings.loop_policy}"
+        if policy.get("alarm"):
+            metrics["message"] += f" and NOT served: {'; '.join(policy['alarm'])}"
         if settings.next_round > 0:
             progress(0.98, "generating the next round of tasks")
             created = next_round(settings, url, key, job.project_id, config, prompts, registry)
@@ -137,9 +143,16 @@ def new_and_replayed(pairs: Dataset, seen: set[str], seed: int) -> Dataset:
 
 
 def policy_step(
-    settings: Settings, registry: Registry, prompts: list[str], pairs, job: Job
+    settings: Settings,
+    registry: Registry,
+    prompts: list[str],
+    pairs,
+    job: Job,
+    live: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train the policy after a promoted reward version: PPO against it, or DPO on the pairs."""
+    """Train the policy after a promoted reward version: PPO against it, or DPO on the pairs.
+    A PPO version is served only if the overoptimization alarm stays quiet (`live`: the
+    proxy's accuracy on fresh labels, ml_backend/overoptimization.py)."""
     from training.models import resolve_policy
 
     current = registry.current("policy")
@@ -172,20 +185,39 @@ def policy_step(
     # As `ls-rlhf train ppo` runs it (PPOConfig's defaults, the loop's number of updates),
     # through the same function; the KL anchor is the base policy in every round, not the
     # round's starting point, so that rounds in a row cannot drift from it without bound.
+    live = live or {}
+    previous = previous_live_accuracy(registry)
     version, history = train_policy_version(
         registry,
         start,
         prompts,
         RewardModel.load(reward_version.path).score,
-        PPOConfig(updates=settings.loop_policy_updates, seed=settings.seed),
-        {**metadata, "reward_version": reward_version.label},
+        PPOConfig(
+            updates=settings.loop_policy_updates,
+            learning_rate=settings.loop_policy_learning_rate,
+            seed=settings.seed,
+        ),
+        {**metadata, "reward_version": reward_version.label, **live},
         reference=resolve_policy(settings.policy_model, settings.models_cache_dir),
+        promote=False,  # only once the alarm below has nothing to say
     )
+    first, last = history[0]["objective/score"], history[-1]["objective/score"]
+    kl = history[-1]["objective/kl"]
+    alarm = alarm_reasons(
+        live, previous, first, last, kl, settings.loop_max_kl, settings.loop_alarm_accuracy_drop
+    )
+    if alarm:
+        log.warning("overoptimization alarm: %s not served (%s)", version.label, "; ".join(alarm))
+    else:
+        registry.promote("policy", version.name)
     return {
         "policy_version": version.label,
-        "policy_score_first": history[0]["objective/score"],
-        "policy_score_last": history[-1]["objective/score"],
-        "policy_kl_to_base": history[-1]["objective/kl"],
+        "policy_promoted": not alarm,
+        "alarm": alarm,
+        "previous_live_accuracy": previous,
+        "policy_score_first": first,
+        "policy_score_last": last,
+        "policy_kl_to_base": kl,
     }
 
 
@@ -199,18 +231,24 @@ def next_round(
     registry: Registry,
 ) -> int:
     """New comparison tasks from the current policy (InstructGPT's steps two and three repeat)."""
+    from ml_backend.serving import policy_label
     from ml_backend.tasks import completions_needed, task_data
     from training.generation import generate_completions
     from training.label_config import read_schema
     from training.label_studio_client import client as label_studio_client
-    from training.models import load_causal_lm
+    from training.models import load_causal_lm, resolve_policy
 
+    # The served policy writes: the new one, or (the alarm kept it out) the one before it.
     version = registry.current("policy")
-    if version is None:  # the round follows a policy step, which made one
-        raise RuntimeError("no current policy version to write the next round with")
+    path = (
+        str(version.path)
+        if version
+        else resolve_policy(settings.policy_model, settings.models_cache_dir)
+    )
+    label = policy_label(version)
     schema = read_schema(config)
     chosen = [prompts[i % len(prompts)] for i in range(settings.next_round)]
-    model, tokenizer = load_causal_lm(str(version.path), dtype=settings.dtype)
+    model, tokenizer = load_causal_lm(path, dtype=settings.dtype)
     k = completions_needed(schema, settings.num_completions)
     completions = (
         generate_completions(
@@ -228,8 +266,7 @@ def next_round(
         else [[] for _ in chosen]
     )
     tasks = [
-        {"data": task_data(schema, p, c, version.label)}
-        for p, c in zip(chosen, completions, strict=True)
+        {"data": task_data(schema, p, c, label)} for p, c in zip(chosen, completions, strict=True)
     ]
     # The SDK types the request as its own models; it sends plain task dicts as they are.
     label_studio_client(url=url, api_key=key).projects.import_tasks(

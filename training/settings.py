@@ -152,6 +152,24 @@ class Settings:
     loop_policy_updates: int = field(
         default=4, metadata={"help": "PPO updates (or DPO steps) of that policy step."}
     )
+    loop_policy_learning_rate: float = field(
+        default=1e-5,
+        metadata={"help": "PPO learning rate of that policy step (PPOConfig's default)."},
+    )
+    loop_max_kl: float = field(
+        default=0.0,
+        metadata={
+            "help": "Overoptimization alarm: a policy step whose KL to the base policy is past "
+            "this is not served (0 = no bound)."
+        },
+    )
+    loop_alarm_accuracy_drop: float = field(
+        default=0.05,
+        metadata={
+            "help": "Overoptimization alarm: a policy step is not served when the proxy reward "
+            "rose while its accuracy on fresh labels fell by more than this since the last round."
+        },
+    )
     next_round: int = field(
         default=0,
         metadata={
@@ -227,6 +245,11 @@ class Settings:
             raise SettingsError(
                 f"{ENV_PREFIX}LOOP_POLICY must be none, ppo or dpo, not {self.loop_policy!r}"
             )
+        for name in ("loop_policy_learning_rate", "loop_max_kl", "loop_alarm_accuracy_drop"):
+            if getattr(self, name) < 0:
+                raise SettingsError(
+                    f"{ENV_PREFIX}{name.upper()} must be at least 0, not {getattr(self, name)}"
+                )
         names = [n.strip() for n in self.report_to.split(",")]
         if not all(names) or (len(names) > 1 and {"none", "all"} & set(names)):
             raise SettingsError(
