@@ -29,8 +29,19 @@ from training.settings import Settings
 
 log = logging.getLogger(__name__)
 
-BASE_POLICY_LABEL = "policy-base"
+BASE_POLICY_LABEL = "policy-base"  # the policy before any training: settings.policy_model
 NO_REWARD_LABEL = "reward-none"
+
+
+def policy_label(policy: Version | None) -> str:
+    """How a policy version appears in model versions and reports: 'policy-v2' or 'policy-base'."""
+    return policy.label if policy else BASE_POLICY_LABEL
+
+
+def model_version(policy: Version | None, reward: Version | None) -> str:
+    """What Label Studio stores with each prediction, naming the models that made it:
+    'policy-base+reward-v3'. Built here only."""
+    return f"{policy_label(policy)}+{reward.label if reward else NO_REWARD_LABEL}"
 
 
 @dataclass(frozen=True)
@@ -45,15 +56,12 @@ class Served:
     @property
     def model_version(self) -> str:
         """What Label Studio stores with each prediction: which models made it."""
-        policy = self.policy_version.label if self.policy_version else BASE_POLICY_LABEL
-        reward = self.reward_version.label if self.reward_version else NO_REWARD_LABEL
-        return f"{policy}+{reward}"
+        return model_version(self.policy_version, self.reward_version)
 
 
 def model_version_of(registry: Registry) -> str:
     """The model version the registry's current pointers name, without loading anything."""
-    policy, reward = registry.current("policy"), registry.current("reward")
-    return f"{policy.label if policy else BASE_POLICY_LABEL}+{reward.label if reward else NO_REWARD_LABEL}"
+    return model_version(registry.current("policy"), registry.current("reward"))
 
 
 class ModelHolder:

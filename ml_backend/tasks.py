@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ml_backend.backend import RLHFBackend
-from ml_backend.serving import Served
+from ml_backend.serving import Served, policy_label
 from training.generation import generate_completions
 from training.label_config import Schema
 from training.settings import Settings
@@ -98,9 +98,9 @@ def make_tasks(
 ) -> list[dict[str, Any]]:
     """Task data for each prompt with fresh completions from the served policy."""
     k = completions_needed(schema, settings.num_completions)
-    policy_label = served.policy_version.label if served.policy_version else "policy-base"
+    label = policy_label(served.policy_version)
     if k == 0:
-        return [task_data(schema, p, [], policy_label) for p in prompts]
+        return [task_data(schema, p, [], label) for p in prompts]
     completions = generate_completions(
         served.policy,
         served.tokenizer,
@@ -113,9 +113,7 @@ def make_tasks(
         seed=settings.seed,
         on_batch=on_progress,
     )
-    return [
-        task_data(schema, p, c, policy_label) for p, c in zip(prompts, completions, strict=True)
-    ]
+    return [task_data(schema, p, c, label) for p, c in zip(prompts, completions, strict=True)]
 
 
 def attach_predictions(

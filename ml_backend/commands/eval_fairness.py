@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     groups = {n: expand(attributes[n], templates[n]) for n in names}
     samples = {}
     if args.policy:
-        from ml_backend.serving import ModelHolder
+        from ml_backend.serving import ModelHolder, policy_label
         from training.generation import generate_completions
 
         holder = ModelHolder(settings)
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
                 per_group[g] = scores[offset : offset + len(samples[n][g])]
                 offset += len(samples[n][g])
             reward_gaps.append(gaps(n, per_group))
-        label = served.policy_version.label if served.policy_version else "policy-base"
+        label = policy_label(served.policy_version)
         results[f"Policy sentiment ({label})"] = sentiment_gaps
         results[f"Policy reward ({label}, {version.label})"] = reward_gaps
     out = Path(args.out)

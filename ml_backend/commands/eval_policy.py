@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ml_backend.serving import BASE_POLICY_LABEL
     from ml_backend.tasks import PromptFileError, read_prompts
     from training.models import load_causal_lm, resolve_policy
     from training.policy_eval import evaluate_policy, write_policy_report
@@ -53,14 +54,12 @@ def run(args: argparse.Namespace) -> int:
     if reward_version is None:
         raise UserError("no reward version to judge with: train one with `ls-rlhf train reward`")
     if args.reference_version:
-        reference_path, reference_label = (
-            str(registry.get("policy", args.reference_version).path),
-            f"policy-{args.reference_version}",
-        )
+        reference_version = registry.get("policy", args.reference_version)
+        reference_path, reference_label = str(reference_version.path), reference_version.label
     else:
         reference_path, reference_label = (
             resolve_policy(settings.policy_model, settings.models_cache_dir),
-            "policy-base",
+            BASE_POLICY_LABEL,
         )
     policy, tokenizer = load_causal_lm(str(policy_version.path))
     reference, _ = load_causal_lm(reference_path)
