@@ -243,3 +243,65 @@ def test_judged_annotations_train_the_loop_and_the_alarm_keeps_the_policy_out(
     assert sum(t.data.get("policy_version") == "policy-base" for t in tasks_after) == 14
     health = requests.get(f"{backend.url}/health", timeout=5).json()
     assert health["model_version"].startswith("policy-base+")
+
+
+@pytest.mark.label_studio
+def test_demo_simulate_with_the_judge_plays_rounds_of_the_policys_own_answers(
+    settings,
+    label_studio,
+    start_backend,
+    make_project,
+    ls_client,
+    tiny_reward_backbone_dir,
+    tmp_path,
+    capsys,
+):
+    import shutil
+
+    from ml_backend.commands.demo import simulate
+
+    judge_dir = tmp_path / "judge"  # a built judge: a reward model folder with its judge.json
+    shutil.copytree(tiny_reward_backbone_dir, judge_dir)
+    (judge_dir / JUDGE_FILE).write_text(json.dumps({"held_out_accuracy": 0.5}))
+    settings = settings.replace(
+        label_studio_url=label_studio.url,
+        label_studio_api_key=label_studio.token,
+        train_every=10,
+        loop_policy="ppo",
+        loop_policy_updates=1,
+        next_round=10,
+    )
+    backend = start_backend(settings)
+    project = make_project("pairwise")
+    ls_client.ml.create(project=project.id, url=backend.url, title="ls-rlhf", is_interactive=False)
+    requests.post(f"{backend.url}/setup", json={"project": project.id}, timeout=5)
+    texts = answers(20)
+    ls_client.projects.import_tasks(
+        id=project.id,
+        request=[
+            {
+                "data": {
+                    "prompt": f"question {i}",
+                    "answer1": texts[2 * i],
+                    "answer2": texts[2 * i + 1],
+                    "policy_version": "policy-base",
+                }
+            }
+            for i in range(10)
+        ],
+    )
+    simulate(ls_client, project.id, backend.url, 2, 10, settings.registry_dir, judge=str(judge_dir))
+    out = capsys.readouterr().out
+    assert "labelled by the gold judge" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("1", "10", "reward-v1"),
+        ("2", "20", "reward-v2"),
+    ]
+    # Round 2's labels are of policy-v1's answers, and the proxy of round 1 was measured on them.
+    assert "fresh labels of policy-v1 right" in out
+    tasks = list(ls_client.tasks.list(project=project.id))
+    assert sum(t.data.get("policy_version") == "policy-v1" for t in tasks) == 10
+    assert all(
+        t.total_annotations == 1 for t in tasks if t.data.get("policy_version") != "policy-v2"
+    )

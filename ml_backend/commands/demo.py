@@ -53,6 +53,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--per-round", type=int, default=40, help="annotations per simulated round (default 40)"
     )
+    parser.add_argument(
+        "--judge",
+        nargs="?",
+        const="default",
+        metavar="FOLDER",
+        help="with --simulate: a gold judge (training/judge.py) labels the policy's own answers, "
+        "with human-like noise; each round PPO trains the policy and it writes the next round's "
+        "tasks. FOLDER: a judge folder (built there if missing); default: "
+        "~/.cache/ls-rlhf/judges/, built once (a few minutes)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -76,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     xml = label_configs.load(args.config)
     if args.simulate and args.config != "pairwise":
         raise UserError("--simulate plays the pairwise config; drop --config")
+    if args.judge and not args.simulate:
+        raise UserError("--judge labels the rounds of --simulate N; add --simulate")
 
     print(
         f"starting Label Studio on {studio.url} (first start runs migrations: ~1 min) ...",
@@ -85,6 +97,13 @@ def run(args: argparse.Namespace) -> int:
     env_settings = settings.replace(label_studio_url=studio.url, label_studio_api_key=studio.token)
     if args.simulate:
         env_settings = env_settings.replace(train_every=args.per_round)
+    if args.judge:
+        # Every round's labels are of the policy's latest answers: the policy must move.
+        env_settings = env_settings.replace(
+            loop_policy="ppo" if settings.loop_policy == "none" else settings.loop_policy,
+            next_round=args.per_round,
+        )
+        prompts = [prompts[i % len(prompts)] for i in range(max(len(prompts), args.per_round))]
     backend = BackendServer(env_settings, demo_dir / "backend.log", port=args.backend_port)
     backend_url = backend.url
     try:
@@ -125,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
                 args.simulate,
                 args.per_round,
                 env_settings.registry_dir,
+                judge=args.judge,
             )
         if not args.exit_when_ready:
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
@@ -157,9 +177,16 @@ class _env:
 
 
 def simulate(
-    ls, project_id: int, backend_url: str, rounds: int, per_round: int, registry_dir: Path
+    ls,
+    project_id: int,
+    backend_url: str,
+    rounds: int,
+    per_round: int,
+    registry_dir: Path,
+    judge: str | None = None,
 ) -> None:
-    """Play `rounds` rounds of annotation and retraining; print one line per round."""
+    """Play `rounds` rounds of annotation and retraining; print one line per round. With
+    `judge` ("default" or a folder) a gold judge labels the policy's tasks."""
     import requests
 
     from ml_backend.harness.simulated_annotator import SimulatedAnnotator
@@ -168,12 +195,24 @@ def simulate(
     from training.reward import RewardModel
 
     records = load_finegrained(DEFAULT_PATH) if DEFAULT_PATH.is_file() else []
-    annotator = SimulatedAnnotator(records)
-    pool = [{"data": t["data"]} for t in to_label_studio_tasks(records, "pairwise")]
+    if judge:
+        from training.judge import HUMAN_AGREEMENT, GoldJudge, build_judge, flip_rate_for_agreement
+
+        print("loading the gold judge (the first time it trains: a few minutes) ...", flush=True)
+        try:
+            folder = build_judge(None if judge == "default" else judge)
+        except FileNotFoundError as err:
+            raise UserError(f"the gold judge trains on FineGrainedRLHF: {err}") from None
+        gold = GoldJudge(folder, flip_rate=flip_rate_for_agreement(HUMAN_AGREEMENT))
+        annotator = SimulatedAnnotator(judge=gold)
+        pool: list[dict] = []  # the policy's own tasks only
+    else:
+        annotator = SimulatedAnnotator(records)
+        pool = [{"data": t["data"]} for t in to_label_studio_tasks(records, "pairwise")]
     policy_tasks = [t.data for t in ls.tasks.list(project=project_id)]
     print(
         f"\nsimulating {rounds} rounds of {per_round} annotations "
-        f"({'FineGrainedRLHF pairs answered with the recorded human judgments' if pool else 'policy answers, stand-in rule'})",
+        f"({'policy answers, labelled by the gold judge' if judge else 'FineGrainedRLHF pairs answered with the recorded human judgments' if pool else 'policy answers, stand-in rule'})",
         flush=True,
     )
     print(
@@ -237,6 +276,14 @@ def simulate(
             f"{accuracy if accuracy is None else format(accuracy, '.3f'):>12} {policy.label if policy else 'base':>12} {mean:>11.3f} {served:>21}",
             flush=True,
         )
+        if "live_accuracy" in metrics:
+            print(
+                f"      the served proxy ranked {metrics['live_accuracy']:.3f} of "
+                f"{metrics['fresh_pairs']} fresh labels of {metrics['fresh_labels_of']} right",
+                flush=True,
+            )
+        for reason in metrics.get("alarm") or []:
+            print(f"      overoptimization alarm, {metrics['policy_version']} not served: {reason}")
 
 
 def _wait_job(requests, backend_url: str, done: set[int], timeout: float = 3600) -> dict:
