@@ -27,7 +27,7 @@ from training.datasets import HELD_OUT_FRACTION, MIN_PAIRS, preference_dataset, 
 from training.export import prompts_from_tasks, pull_export
 from training.feedback import parse_export
 from training.models import resolve_reward_backbone
-from training.registry import Registry
+from training.registry import Registry, lineage
 from training.reward import RewardTrainingConfig, pair_key, train_reward, trained_pairs
 from training.settings import Settings
 
@@ -65,7 +65,8 @@ def run_training(
             **summary,
         }
     split = split_by_prompt(pairs, HELD_OUT_FRACTION, seed=settings.seed)
-    registry = Registry(settings.registry_dir)
+    # The project's own lineage: its warm start, promotion gate and served version.
+    registry = lineage(settings.registry_dir, job.project_id, claim=True)
     # Before training: the served proxy on the labels of the served policy's answers.
     live = live_accuracy(tasks, config, registry) if settings.loop_policy == "ppo" else {}
     summary.update(live)

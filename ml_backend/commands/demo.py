@@ -66,7 +66,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+class _Stopped(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C (a BaseException, so no `except Exception` eats it)."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stopped()
+
+
 def run(args: argparse.Namespace) -> int:
+    # SIGTERM (kill, timeout, a service manager) stops the demo as Ctrl-C does. Without a
+    # handler, Python dies at once and the finally that stops Label Studio never runs.
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        return _run(args)
+    except (_Stopped, KeyboardInterrupt):
+        print("stopped: Label Studio and the backend are down", flush=True)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     import label_configs
     from ml_backend.harness.backend_process import BackendServer, BackendStartError
     from ml_backend.harness.label_studio_server import LabelStudioServer
@@ -89,11 +110,6 @@ def run(args: argparse.Namespace) -> int:
     if args.judge and not args.simulate:
         raise UserError("--judge labels the rounds of --simulate N; add --simulate")
 
-    print(
-        f"starting Label Studio on {studio.url} (first start runs migrations: ~1 min) ...",
-        flush=True,
-    )
-    studio.start()
     env_settings = settings.replace(label_studio_url=studio.url, label_studio_api_key=studio.token)
     if args.simulate:
         env_settings = env_settings.replace(train_every=args.per_round)
@@ -107,6 +123,11 @@ def run(args: argparse.Namespace) -> int:
     backend = BackendServer(env_settings, demo_dir / "backend.log", port=args.backend_port)
     backend_url = backend.url
     try:
+        print(
+            f"starting Label Studio on {studio.url} (first start runs migrations: ~1 min) ...",
+            flush=True,
+        )
+        studio.start()
         backend.launch()
         ls = studio.client()
         project = ls.projects.create(title=f"ls-rlhf demo ({args.config})", label_config=xml)
@@ -147,10 +168,17 @@ def run(args: argparse.Namespace) -> int:
                 judge=args.judge,
             )
         if not args.exit_when_ready:
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            while True:
+                signal.pause()  # until SIGINT or SIGTERM raises out of here
     finally:
-        backend.stop()
-        studio.stop()
+        # A second Ctrl-C or SIGTERM must not cut the shutdown short and leave a port held.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            backend.stop()
+            studio.stop()
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     return 0
 
 
