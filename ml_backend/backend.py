@@ -98,7 +98,7 @@ class RLHFBackend:
 
     def setup(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Fast: reads the registry's pointers only. Checks the config if one is sent.
-        Every field is checked before anything is changed (pins, access, connection)."""
+        Every field is checked before anything is changed (promotions, access, connection)."""
         project_id = None
         if payload.get("project") is not None:
             project_id = parse_project_id(payload["project"])
@@ -122,10 +122,10 @@ class RLHFBackend:
                 raise InputError(
                     f'"schema", the label config, does not fit: {err}', "schema", 422
                 ) from None
-        pins = self._read_pins(payload.get("extra_params"))
+        wanted = self._versions_to_promote(payload.get("extra_params"))
         # The project's own lineage (the first project to connect owns the registry root).
         registry = self.holder.registry_for(project_id, claim=True)
-        self._pin_versions(pins, registry)
+        self._promote(wanted, registry)
         hostname, token = payload.get("hostname"), payload.get("access_token")
         if project_id is not None:
             if self.events is not None:
@@ -138,9 +138,9 @@ class RLHFBackend:
         return {"model_version": self.holder.model_version_for(project_id)}
 
     @staticmethod
-    def _read_pins(extra_params: Any) -> dict[str, str]:
+    def _versions_to_promote(extra_params: Any) -> dict[str, str]:
         """Label Studio's "extra params" of the backend (an object, or JSON text of one):
-        the versions they pin, {"reward": "v2"}; InputError for a wrong type."""
+        the versions to promote, {"reward": "v2"}; InputError for a wrong type."""
         example = 'e.g. {"reward_version": "v2"}'
         if isinstance(extra_params, str):
             if not extra_params.strip():
@@ -162,7 +162,7 @@ class RLHFBackend:
                 f"object, {example}",
                 "extra_params",
             )
-        pins = {}
+        versions = {}
         for kind in ("reward", "policy"):
             wanted = extra_params.get(f"{kind}_version")
             if wanted is None or wanted == "":
@@ -173,19 +173,19 @@ class RLHFBackend:
                     f'version such as "v2" (`ls-rlhf versions list`)',
                     f"extra_params.{kind}_version",
                 )
-            pins[kind] = wanted
-        return pins
+            versions[kind] = wanted
+        return versions
 
-    def _pin_versions(self, pins: dict[str, str], registry: Registry) -> None:
-        """Pins from the backend's extra params, {"reward": "v2", "policy": "v1"} (a rollback
-        is pinning an older one), in the project's lineage."""
+    def _promote(self, versions: dict[str, str], registry: Registry) -> None:
+        """Promote the versions named in the backend's extra params, {"reward": "v2",
+        "policy": "v1"} (a rollback is promoting an older one), in the project's lineage."""
         for kind in ("reward", "policy"):
-            wanted = pins.get(kind)
+            wanted = versions.get(kind)
             if wanted:
                 current = registry.current(kind)
                 if current is None or current.name != wanted:
                     registry.promote(kind, str(wanted))
-                    log.info("pinned %s-%s through extra_params", kind, wanted)
+                    log.info("promoted %s-%s through extra_params", kind, wanted)
 
     # -- /predict -------------------------------------------------------------------------
 

@@ -98,9 +98,7 @@ def run_training(
         progress=lambda fraction: progress(0.1 + 0.85 * fraction, "training the reward model"),
     )
     verdict = (
-        "promoted, now served"
-        if result.promoted
-        else "kept the served version (not better on held-out pairs)"
+        "promoted" if result.promoted else "kept the served version (not better on held-out pairs)"
     )
     metrics = {
         "message": f"{result.version.label}: {verdict}",

@@ -100,7 +100,7 @@ def test_annotations_retrain_and_label_studio_sees_the_new_version(
     assert all(any(r["type"] == "pairwise" for r in p.result) for p in predictions)
 
 
-def test_start_training_button_and_pinning_through_extra_params(
+def test_start_training_button_and_promoting_through_extra_params(
     settings, label_studio, start_backend, make_project, ls_client, finegrained_path
 ):
     settings = settings.replace(
@@ -125,7 +125,7 @@ def test_start_training_button_and_pinning_through_extra_params(
         )
     listing = requests.get(f"{backend.url}/versions", timeout=5).json()
     assert listing["all"]["reward"] == ["reward-v1", "reward-v2"]
-    # Roll back by pinning v1 through the backend's extra params in Label Studio; Label
+    # Roll back by promoting v1 through the backend's extra params in Label Studio; Label
     # Studio forwards them in its own /setup call before the next prediction batch.
     ls_client.ml.update(
         id=ml.id, project=project.id, url=backend.url, extra_params={"reward_version": "v1"}

@@ -169,6 +169,6 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{version.label}: score {first['objective/score']:.3f} -> {last['objective/score']:.3f}, "
         f"KL to the reference {last['objective/kl']:.3f} after {len(history)} updates; "
-        f"{'now served' if not args.no_promote else 'not promoted'}\ncurves: {version.path / 'training_curves.png'}"
+        f"{'not promoted' if args.no_promote else 'promoted'}\ncurves: {version.path / 'training_curves.png'}"
     )
     return 0

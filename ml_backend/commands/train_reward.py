@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         f"{result.version.label}: held-out {result.evaluation.summary() if result.evaluation else 'no held-out pairs'}\n"
         f"  untrained {m['accuracy_before']:.3f}, current version {current}; {m['steps']} steps "
         f"({m['epochs']:.2f} epochs{stop}) in {m['seconds']:.0f} s, {m['precision']}; "
-        f"{'promoted: now served' if result.promoted else 'not promoted'}\n"
+        f"{'promoted' if result.promoted else 'not promoted'}\n"
         f"curves: {result.version.path / 'training_curves.png'}"
     )
     recorded = result.version.metadata.get("fairness", {})

@@ -1,4 +1,4 @@
-"""`ls-rlhf versions`: list model versions, pin one, roll back."""
+"""`ls-rlhf versions`: list model versions, promote one (serve it), roll back."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from training.settings import Settings
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "versions",
-        help="list, pin or roll back model versions (the backend serves the change within seconds)",
-        description="Versions live in the registry under LS_RLHF_HOME/registry. `pin` makes a version the "
-        "one served; `rollback` pins the version that was current before the current one (its parent). "
+        help="list, promote or roll back model versions (the backend serves the change within seconds)",
+        description="Versions live in the registry under LS_RLHF_HOME/registry. `promote` makes a version "
+        "the one served (`pin` is the old name, still accepted); `rollback` promotes the version that "
+        "was current before the current one (its parent). "
         "A running backend picks the change up without a restart. Each Label Studio project has its "
         "own lineage of versions (docs/deployment.md): --project chooses it; `list` without it shows "
         "every lineage. A damaged version or pointer is listed with what is wrong.",
@@ -22,12 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="every version with its metrics")
     listing.add_argument("--kind", choices=["reward", "policy"], help="only this kind")
-    pin = actions.add_parser("pin", help="serve this version")
-    pin.add_argument("kind", choices=["reward", "policy"])
-    pin.add_argument("version", help="e.g. v2")
+    # "pin" was this action's name before; kept so that scripts written for it still work.
+    promote = actions.add_parser("promote", aliases=["pin"], help="serve this version")
+    promote.add_argument("kind", choices=["reward", "policy"])
+    promote.add_argument("version", help="e.g. v2")
     rollback = actions.add_parser("rollback", help="serve the version before the current one")
     rollback.add_argument("kind", choices=["reward", "policy"])
-    for action in (listing, pin, rollback):
+    for action in (listing, promote, rollback):
         action.add_argument(
             "--project", type=int, help="the Label Studio project whose lineage to use"
         )
@@ -50,9 +52,8 @@ def run(args: argparse.Namespace) -> int:
             _list(registry, [args.kind] if args.kind else ["reward", "policy"])
         return 0
     registry = lineage(root, args.project)
-    if args.action == "pin":
-        version = registry.promote(args.kind, args.version)
-        print(f"{version.label} is now served")
+    if args.action in ("promote", "pin"):
+        print(f"promoted {registry.promote(args.kind, args.version).label}")
         return 0
     current = registry.current(args.kind)
     if current is None:
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     parent = current.metadata.get("parent")
     if not parent:
         raise UserError(f"{current.label} has no previous version to roll back to")
-    print(f"{registry.promote(args.kind, parent).label} is now served (was {current.label})")
+    promoted = registry.promote(args.kind, parent)
+    print(f"promoted {promoted.label} (rolled back from {current.label})")
     return 0
 
 
