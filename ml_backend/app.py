@@ -24,7 +24,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, Reque
 
 from ml_backend.backend import RLHFBackend
 from ml_backend.events import MAX_ID, EventError, EventLog, parse_project_id
-from ml_backend.jobs import JobStore, Trainer
+from ml_backend.jobs import JobScheduler, JobStore
 from ml_backend.results import InputError, TaskDataError, describe_type
 from ml_backend.serving import ModelHolder
 from ml_backend.training_job import run_training
@@ -62,7 +62,7 @@ def create_app(
     holder = holder or ModelHolder(settings)
     events = EventLog(settings.state_dir / "events.sqlite3")
     backend = RLHFBackend(settings, holder, events)
-    trainer = backend.trainer = Trainer(
+    scheduler = backend.scheduler = JobScheduler(
         events,
         JobStore(settings.state_dir / "jobs.sqlite3"),
         settings.train_every,
@@ -78,7 +78,7 @@ def create_app(
     if load_models:
         backend.follower.watch()
     if load_models if start_worker is None else start_worker:
-        trainer.start()
+        scheduler.start()
 
     app = Flask("ls_rlhf")
     # Werkzeug refuses a longer body (Content-Length or a chunked stream) with a 413.
@@ -324,13 +324,13 @@ def create_app(
                     f"?project= must be a project id (a positive integer), not {raw[:40]!r}",
                     "project",
                 ) from None
-        return jsonify(jobs=[job.as_dict() for job in trainer.store.jobs(project)])
+        return jsonify(jobs=[job.as_dict() for job in scheduler.store.jobs(project)])
 
     @app.get("/jobs/<job_id>")
     def job(job_id: str):
         found = None
         if job_id.isascii() and job_id.isdigit() and 0 < int(job_id) <= MAX_ID:
-            found = trainer.store.get(int(job_id))
+            found = scheduler.store.get(int(job_id))
         if found is None:
             raise BadRequest(f"no job {job_id[:40]}; GET /jobs lists them", "job_id", 404)
         return jsonify(found.as_dict())

@@ -40,7 +40,7 @@ from training.registry import Registry
 from training.settings import Settings
 
 if TYPE_CHECKING:
-    from ml_backend.jobs import Trainer
+    from ml_backend.jobs import JobScheduler
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class RLHFBackend:
         self.holder = holder
         self.events = events
         self.deliveries: dict[str, DeliveryJob] = {}
-        self.trainer: Trainer | None = None  # set by the app
+        self.scheduler: JobScheduler | None = None  # set by the app
         # What Label Studio told /setup per project: where it is and a token to call it back.
         self.label_studio_access: dict[int, tuple[str, str]] = {}
         # Keeps each project's model_version (what uncertainty sampling reads) on the served one.
@@ -339,7 +339,7 @@ class RLHFBackend:
         /predict), or the backend trained for it before (a registry from before this rule)."""
         if self.events is not None and self.events.is_connected(project_id):
             return True
-        return self.trainer is not None and bool(self.trainer.store.jobs(project_id, limit=1))
+        return self.scheduler is not None and bool(self.scheduler.store.jobs(project_id, limit=1))
 
     def fit(self, event: str, data: dict[str, Any]) -> dict[str, Any]:
         """Record the event; training is started by the worker, outside this request."""
@@ -364,8 +364,8 @@ class RLHFBackend:
                 "event %d for unconnected project %d: no training", recorded.id, recorded.project_id
             )
             return answer
-        if self.trainer is not None:
-            job = self.trainer.on_event(recorded)
+        if self.scheduler is not None:
+            job = self.scheduler.on_event(recorded)
             if job is not None:
                 answer["job"] = job.id
         return answer

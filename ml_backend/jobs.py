@@ -201,8 +201,9 @@ class JobStore:
         return len(dead)
 
 
-class Trainer:
-    """Decides when to train and runs jobs in a worker thread (or sends them to RQ)."""
+class JobScheduler:
+    """Decides when to train and runs jobs in a worker thread (or sends them to RQ); the
+    training itself is `run_job` (ml_backend/training_job.py)."""
 
     def __init__(
         self,

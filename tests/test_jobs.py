@@ -9,7 +9,7 @@ import time
 import pytest
 
 from ml_backend.events import EventLog
-from ml_backend.jobs import JobStore, Trainer, execute_job
+from ml_backend.jobs import JobScheduler, JobStore, execute_job
 
 
 def annotation(project, i):
@@ -27,52 +27,52 @@ def parts(tmp_path):
         progress(0.5, "halfway")
         return {"message": "trained", "pairs": 3}
 
-    return events, store, Trainer(events, store, train_every=3, run_job=run_job), runs
+    return events, store, JobScheduler(events, store, train_every=3, run_job=run_job), runs
 
 
 def test_threshold_of_new_annotations_triggers_once(parts):
-    events, store, trainer, _ = parts
-    jobs = [trainer.on_event(events.record(annotation(1, i))) for i in range(5)]
+    events, store, scheduler, _ = parts
+    jobs = [scheduler.on_event(events.record(annotation(1, i))) for i in range(5)]
     assert [j is not None for j in jobs] == [False, False, True, False, False]
     assert len(store.jobs(1)) == 1 and store.jobs(1)[0].reason == "3 annotation events"
     # Events of another project count for that project only.
-    assert trainer.on_event(events.record(annotation(2, 9))) is None
+    assert scheduler.on_event(events.record(annotation(2, 9))) is None
 
 
 def test_start_training_always_triggers_and_deletions_count(parts):
-    events, store, trainer, _ = parts
-    job = trainer.on_event(events.record({"action": "START_TRAINING", "project": {"id": 4}}))
+    events, store, scheduler, _ = parts
+    job = scheduler.on_event(events.record({"action": "START_TRAINING", "project": {"id": 4}}))
     assert job is not None and job.reason == "START_TRAINING"
     deleted = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 1}], "project": {"id": 5}}
-    results = [trainer.on_event(events.record(deleted)) for _ in range(3)]
+    results = [scheduler.on_event(events.record(deleted)) for _ in range(3)]
     assert [j is not None for j in results] == [False, False, True]
     assert results[2].reason == "3 annotation events" and results[2].project_id == 5
 
 
 def test_events_during_a_run_coalesce_into_one_follow_up(parts):
-    events, store, trainer, runs = parts
-    first = trainer.on_event(events.record({"action": "START_TRAINING", "project": {"id": 1}}))
+    events, store, scheduler, runs = parts
+    first = scheduler.on_event(events.record({"action": "START_TRAINING", "project": {"id": 1}}))
     claimed = store.claim("me")
     assert claimed.id == first.id and claimed.state == "running"
     for i in range(10):
-        trainer.on_event(events.record(annotation(1, i)))
-    trainer.on_event(events.record({"action": "START_TRAINING", "project": {"id": 1}}))
+        scheduler.on_event(events.record(annotation(1, i)))
+    scheduler.on_event(events.record({"action": "START_TRAINING", "project": {"id": 1}}))
     states = [j.state for j in store.jobs(1)]
     assert sorted(states) == ["queued", "running"]
     assert store.claim("other") is None  # one run per project at a time
-    execute_job(store, claimed, trainer.run_job)
+    execute_job(store, claimed, scheduler.run_job)
     follow_up = store.claim("me")
     assert follow_up is not None and follow_up.covers_event_id == events.last_id()
 
 
 def test_worker_thread_runs_jobs_and_records_metrics(parts):
-    events, store, trainer, runs = parts
-    trainer.start()
-    job = trainer.on_event(events.record({"action": "START_TRAINING", "project": {"id": 7}}))
+    events, store, scheduler, runs = parts
+    scheduler.start()
+    job = scheduler.on_event(events.record({"action": "START_TRAINING", "project": {"id": 7}}))
     deadline = time.time() + 10
     while store.get(job.id).state != "done" and time.time() < deadline:
         time.sleep(0.05)
-    trainer.stop()
+    scheduler.stop()
     done = store.get(job.id)
     assert (
         done.state == "done"
@@ -88,15 +88,15 @@ def test_a_failing_job_records_why_and_its_events_count_again(parts, caplog):
     def broken(job, progress):
         raise RuntimeError("Label Studio unreachable")
 
-    trainer = Trainer(events, store, train_every=2, run_job=broken)
+    scheduler = JobScheduler(events, store, train_every=2, run_job=broken)
     for i in range(2):
-        trainer.on_event(events.record(annotation(3, i)))
+        scheduler.on_event(events.record(annotation(3, i)))
     execute_job(store, store.claim("me"), broken)
     (job,) = store.jobs(3)
     assert job.state == "failed" and job.message == "RuntimeError: Label Studio unreachable"
     assert "Traceback" in caplog.text and "Label Studio unreachable" in caplog.text
     # The failed run covered nothing: one more annotation makes three uncovered, and a retry.
-    retry = trainer.on_event(events.record(annotation(3, 2)))
+    retry = scheduler.on_event(events.record(annotation(3, 2)))
     assert retry is not None and retry.reason == "3 annotation events"
 
 
