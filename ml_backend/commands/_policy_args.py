@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ml_backend.cli import UserError
-from training.registry import Registry
+from training.registry import lineage
 from training.settings import Settings
 
 
@@ -34,7 +34,7 @@ def start_point(args: argparse.Namespace, settings: Settings) -> tuple[str, str 
     from training.models import resolve_policy
 
     if args.from_current:
-        current = Registry(settings.registry_dir).current("policy")
+        current = lineage(settings.registry_dir, getattr(args, "project", None)).current("policy")
         if current is None:
             raise UserError(
                 "no policy version yet: drop --from-current to start from the base policy"

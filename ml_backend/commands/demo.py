@@ -219,7 +219,7 @@ def simulate(
 
     from ml_backend.harness.simulated_annotator import SimulatedAnnotator
     from training.finegrained import DEFAULT_PATH, load_finegrained, to_label_studio_tasks
-    from training.registry import Registry
+    from training.registry import lineage
     from training.reward import RewardModel
 
     records = load_finegrained(DEFAULT_PATH) if DEFAULT_PATH.is_file() else []
@@ -284,7 +284,7 @@ def simulate(
             served = f"{time.monotonic() - last_annotation:.1f} s"
         elif job["state"] == "failed":
             served = f"failed: {job['message']}"
-        registry = Registry(registry_dir)
+        registry = lineage(registry_dir, project_id)  # the demo project's own versions
         current = registry.current("reward")
         policy = registry.current("policy")
         mean = float("nan")

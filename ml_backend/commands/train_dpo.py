@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     from training.datasets import preference_dataset
     from training.preference import DPOSettings, train_dpo
-    from training.registry import Registry
+    from training.registry import lineage
 
     settings = Settings.from_env()
     if args.dataset:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     extra = overrides(args) | ({"beta": args.beta} if args.beta is not None else {})
     version = train_dpo(
         pairs,
-        Registry(settings.registry_dir),
+        lineage(settings.registry_dir, getattr(args, "project", None)),
         start,
         DPOSettings(**extra),
         promote=not args.no_promote,

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from training.datasets import critique_dataset
     from training.ilf import Embedder, refinements
     from training.models import load_causal_lm, resolve_reward_backbone
-    from training.registry import Registry
+    from training.registry import lineage
     from training.sft import SFTSettings, train_sft
 
     settings = Settings.from_env()
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     )
     version = train_sft(
         kept,
-        Registry(settings.registry_dir),
+        lineage(settings.registry_dir, getattr(args, "project", None)),
         start,
         SFTSettings(**overrides(args)),
         promote=not args.no_promote,

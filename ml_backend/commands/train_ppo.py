@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from training.export import prompts_from_tasks, pull_export
     from training.models import resolve_policy
     from training.ppo import PPOConfig, RewardFn, train_policy_version
-    from training.registry import Registry
+    from training.registry import lineage
     from training.reward import RewardModel
 
     settings = Settings.from_env()
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("say where the prompts are: --prompts FILE or --project ID")
     if not prompts:
         raise UserError("no prompts found")
-    registry = Registry(settings.registry_dir)
+    registry = lineage(settings.registry_dir, getattr(args, "project", None))
     reward_version = registry.named_or_current("reward", args.reward_version)
     if reward_version is None:
         raise UserError(

@@ -86,7 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from training.datasets import HELD_OUT_FRACTION, MIN_PAIRS, split_by_prompt
     from training.models import resolve_reward_backbone
-    from training.registry import Registry
+    from training.registry import lineage
     from training.reward import RewardModel, RewardTrainingConfig, train_reward
 
     settings = Settings.from_env()
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     result = train_reward(
         split["train"],
         split["test"],
-        Registry(settings.registry_dir),
+        lineage(settings.registry_dir, getattr(args, "project", None)),
         backbone,
         config,
         extra_loss=extra_loss,

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from datasets import load_from_disk
 
     from training.datasets import sft_dataset
-    from training.registry import Registry
+    from training.registry import lineage
     from training.sft import SFTSettings, train_sft
 
     settings = Settings.from_env()
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     start, parent = start_point(args, settings)
     version = train_sft(
         examples,
-        Registry(settings.registry_dir),
+        lineage(settings.registry_dir, getattr(args, "project", None)),
         start,
         SFTSettings(**overrides(args)),
         promote=not args.no_promote,
