@@ -29,6 +29,7 @@ from ml_backend.results import InputError, TaskDataError, describe_type
 from ml_backend.serving import ModelHolder
 from ml_backend.training_job import run_training
 from training.label_config import LabelConfigError
+from training.quality import REPORTS_DIR, metric_lines
 from training.registry import RegistryError, RegistryWriteError
 from training.settings import Settings
 
@@ -355,6 +356,8 @@ def create_app(
         lines.append(f"ls_rlhf_prediction_deliveries_running {running}")
         if holder.ready:
             lines.append(f'ls_rlhf_model_info{{model_version="{holder.get().model_version}"}} 1')
+        # The headline figures of the latest `ls-rlhf report` of each project.
+        lines += metric_lines(settings.state_dir / REPORTS_DIR)
         return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")
 
     return app

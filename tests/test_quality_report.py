@@ -4,6 +4,7 @@ whose labels are known, so every figure is checked against a value computed by h
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import pytest
@@ -189,6 +190,24 @@ def test_report_figures_match_hand_computed_values(
     # The anchoring check names no missing figure: both sides were measured.
     assert not any("anchoring" in reason for reason in report["cannot"])
 
+    # The headline figures are gauges on the backend's /metrics (reports in its state folder).
+    shutil.copytree(out, settings.state_dir / "reports" / f"project-{project.id}")
+    metrics = metrics_text(settings)
+    alpha = (
+        f'ls_rlhf_report_krippendorff_alpha{{report="project-{project.id}",control="comparison"}}'
+    )
+    assert f"{alpha} {1 - 306 / 462}" in metrics.splitlines()
+    assert f'ls_rlhf_report_suggestion_equal_share{{report="project-{project.id}"}} 0.5' in metrics
+
+
+def metrics_text(settings) -> str:
+    from ml_backend.app import create_app
+
+    app = create_app(settings, load_models=False, start_worker=False)
+    answer = app.test_client().get("/metrics")
+    assert answer.status_code == 200
+    return answer.get_data(as_text=True)
+
 
 def test_report_says_what_it_cannot_compute(
     settings, make_project, ls_client, label_studio, annotators, monkeypatch, tmp_path, capsys
@@ -214,16 +233,20 @@ def test_report_says_what_it_cannot_compute(
     alone = make_project("pairwise")
     one = [((sides[0],), shown) for sides, shown in LABELS]
     annotate(ls_client, alone.id, annotators[:1], one)
-    assert cli(["report", "--project", str(alone.id), "--out", str(tmp_path / "alone")]) == 0
-    report = json.loads((tmp_path / "alone" / "report.json").read_text())
+    assert cli(["report", "--project", str(alone.id)]) == 0  # into the state folder
+    folder = settings.state_dir / "reports" / f"project-{alone.id}"
+    report = json.loads((folder / "report.json").read_text())
     assert any("only one annotator" in reason for reason in report["cannot"])
     assert report["agreement"][0]["alpha"] is None and report["agreement"][0]["units"] == 0
     (row,) = report["per_annotator"]
     assert row["majority_agreement"] is None and row["first_choices"] == 4
     # A's labels on the four shown tasks: L=L, L=L, R!=L, L!=R.
     assert report["suggestion_equal_share"] == pytest.approx(0.5)
-    markdown = (tmp_path / "alone" / "report.md").read_text()
+    markdown = (folder / "report.md").read_text()
     assert "only one annotator" in markdown and rows_outside_tables(markdown) == []
+    metrics = metrics_text(settings)
+    assert f'ls_rlhf_report_suggestion_equal_share{{report="project-{alone.id}"}} 0.5' in metrics
+    assert "krippendorff" not in metrics  # not computed, so not shown
 
     # A config the report does not know (from an export file): counts only, and why.
     export = tmp_path / "export.json"

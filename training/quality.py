@@ -40,6 +40,8 @@ import numpy as np
 
 from training.label_config import LabelConfigError, Schema, read_schema
 
+REPORTS_DIR = "reports"  # under the state folder: `ls-rlhf report` writes, /metrics reads
+HEADLINE_FILE = "headline.json"  # what the backend's /metrics shows of a report
 FIRST = "first"
 SECOND = "second"
 
@@ -704,8 +706,41 @@ def write_report(report: QualityReport, folder: Path) -> dict[str, Path]:
     plots = {name: path.name for name, path in written.items()}
     (folder / "report.md").write_text(to_markdown(report, plots))
     (folder / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    (folder / HEADLINE_FILE).write_text(json.dumps(report.headline(), indent=2))
     written["markdown"], written["json"] = folder / "report.md", folder / "report.json"
     return written
+
+
+def metric_lines(reports: Path) -> list[str]:
+    """Prometheus gauges of the headline figures of each report folder under `reports`
+    (`ls_rlhf_report_<figure>{report="project-3",...}`); a folder that cannot be read is
+    skipped."""
+    import json
+    import re
+
+    lines: list[str] = []
+    typed: set[str] = set()
+    if not reports.is_dir():
+        return lines
+    for path in sorted(reports.glob(f"*/{HEADLINE_FILE}")):
+        try:
+            figures = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(figures, dict):
+            continue
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", path.parent.name)
+        for key, value in figures.items():
+            if not isinstance(value, (int, float)) or not isinstance(key, str):
+                continue
+            figure, _, labels = key.partition("{")
+            metric = "ls_rlhf_report_" + re.sub(r"[^a-z0-9_]", "_", figure)
+            extra = ("," + labels.rstrip("}")) if labels else ""
+            if metric not in typed:
+                typed.add(metric)
+                lines.append(f"# TYPE {metric} gauge")
+            lines.append(f'{metric}{{report="{name}"{extra}}} {value}')
+    return lines
 
 
 def _finite(value: Any) -> Any:

@@ -6,9 +6,8 @@ import argparse
 from pathlib import Path
 
 from ml_backend.cli import UserError
+from training.quality import REPORTS_DIR
 from training.settings import Settings
-
-REPORTS_DIR = "reports"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
