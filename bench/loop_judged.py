@@ -19,6 +19,11 @@ Against a real Label Studio and a real `ls-rlhf serve` process with the default 
 
 Per round a line is printed; everything goes to `--out`/rounds.json and a plot (PNG).
 
+Every new reward version is served by default (`--reward-promote always`): the loop's gate
+compares held-out accuracy on the export's held-out split, here 20-30 pairs, where a
+difference is a coin flip, and a kept version means no policy step that round. The gold
+judge and the overoptimization alarm are what guard the policy in this benchmark.
+
     .venv/bin/python bench/loop_judged.py [--rounds 3] [--per-round 128] [--updates 40]
         [--lr 5e-5] [--held-out 100] [--samples 2] [--plot docs/loop_judged.png]
 """
@@ -224,6 +229,12 @@ def main() -> None:
     parser.add_argument(
         "--judge", help="judge folder (default ~/.cache/ls-rlhf/judges/...); built if missing"
     )
+    parser.add_argument(
+        "--reward-promote",
+        default="always",
+        choices=["always", "if_not_worse"],
+        help="LS_RLHF_REWARD_PROMOTE of the loop (default always: see the module docstring)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/output/loop_judged")
     parser.add_argument("--plot", default=None, help="PNG path (default OUT/loop_judged.png)")
@@ -261,6 +272,7 @@ def main() -> None:
         loop_policy_learning_rate=args.lr,
         loop_max_kl=args.max_kl,
         next_round=args.per_round,
+        reward_promote=args.reward_promote,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
     )
@@ -298,7 +310,16 @@ def main() -> None:
     )
     config = {
         k: getattr(args, k)
-        for k in ("rounds", "per_round", "updates", "lr", "max_kl", "held_out", "samples")
+        for k in (
+            "rounds",
+            "per_round",
+            "updates",
+            "lr",
+            "max_kl",
+            "held_out",
+            "samples",
+            "reward_promote",
+        )
     }
     config.update(
         max_new_tokens=args.max_new_tokens,
@@ -345,13 +366,23 @@ def main() -> None:
 
             job = wait(finished, 3600)
             metrics = job.get("metrics") or {}
-            if job["state"] != "done" or "policy_version" not in metrics:
+            if job["state"] != "done":
                 raise RuntimeError(f"round {number}: job {job['state']}: {job.get('message')}")
-            name = metrics["policy_version"].removeprefix("policy-")
-            policy = registry.get("policy", name)
+            if "policy_version" in metrics:
+                policy = registry.get("policy", metrics["policy_version"].removeprefix("policy-"))
+                policy_path = str(policy.path)
+            else:
+                # The gate kept the served reward version, so the loop took no policy step
+                # and wrote no tasks: the served policy writes the next round, as in round 1.
+                served_policy = registry.current("policy")
+                policy_path = str(served_policy.path) if served_policy else base_path
+                metrics["policy_version"] = served_policy.label if served_policy else "base"
+                next_round(
+                    settings, studio.url, studio.token, project.id, xml, train_prompts, registry
+                )
             reward = registry.current("reward")
             figures = measure_policy(
-                str(policy.path),
+                policy_path,
                 base_path,
                 held_prompts,
                 base_answers,
@@ -388,10 +419,10 @@ def main() -> None:
             print(
                 f"{number:>5} {total:>11} {'-' if live is None else format(live, '.3f'):>15} "
                 f"{row['accuracy_after'] or float('nan'):>14.3f} {row['policy_version']:>10} "
-                f"{'yes' if row['policy_promoted'] else 'NO':>6} "
+                f"{ {True: 'yes', False: 'NO', None: '-'}[row['policy_promoted']]:>6} "
                 f"{row.get('proxy_mean_reward_held_out', float('nan')):>+12.4f} "
                 f"{row['gold_win_rate']:>9.3f} [{row['gold_win_low']:.3f}, {row['gold_win_high']:.3f}] "
-                f"{row['kl_to_base_held_out']:>13.2f} {row['policy_kl_to_base']:>8.2f} {row['minutes']:>7.1f}",
+                f"{row['kl_to_base_held_out']:>13.2f} {row['policy_kl_to_base'] or float('nan'):>8.2f} {row['minutes']:>7.1f}",
                 flush=True,
             )
             if row["alarm"]:

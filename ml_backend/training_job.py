@@ -71,7 +71,9 @@ def run_training(
     live = live_accuracy(tasks, config, registry) if settings.loop_policy == "ppo" else {}
     summary.update(live)
     warm = registry.current("reward") is not None
-    train_config = RewardTrainingConfig(seed=settings.seed, warm_start=warm)
+    train_config = RewardTrainingConfig(
+        seed=settings.seed, warm_start=warm, promote=settings.reward_promote
+    )
     if settings.reward_max_steps > 0:
         train_config.max_steps = settings.reward_max_steps
     fit = split["train"]

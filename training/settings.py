@@ -143,6 +143,13 @@ class Settings:
             "help": "Steps of a first reward training in the loop (0 = two epochs); later runs warm-start with at most 12."
         },
     )
+    reward_promote: str = field(
+        default="if_not_worse",
+        metadata={
+            "help": "Serve a new reward version of the loop: if_not_worse (held-out accuracy "
+            "against the served one), always, or never."
+        },
+    )
     loop_policy: str = field(
         default="none",
         metadata={
@@ -240,6 +247,11 @@ class Settings:
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise SettingsError(
                 f"{ENV_PREFIX}DTYPE must be auto, float32 or bfloat16, not {self.dtype!r}"
+            )
+        if self.reward_promote not in ("if_not_worse", "always", "never"):
+            raise SettingsError(
+                f"{ENV_PREFIX}REWARD_PROMOTE must be if_not_worse, always or never, "
+                f"not {self.reward_promote!r}"
             )
         if self.loop_policy not in ("none", "ppo", "dpo"):
             raise SettingsError(
