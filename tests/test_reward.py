@@ -329,3 +329,104 @@ def test_no_held_out_pairs_still_trains_a_version_marked_unjudged(
     metadata = json.loads((result.version.path / "metadata.json").read_text())
     assert result.evaluation is None and metadata["evaluation"] is None
     assert metadata["metrics"]["accuracy_after"] is None and result.promoted
+
+
+def test_a_linear_probe_learns_a_preference_and_scores_as_it_was_fitted(
+    tmp_path, tiny_reward_backbone_dir
+):
+    registry = Registry(tmp_path / "registry")
+    config = RewardTrainingConfig(method="probe", max_length=64, dtype="float32")
+    result = train_reward(
+        synthetic_pairs(160, 0),
+        synthetic_pairs(40, 1),
+        registry,
+        str(tiny_reward_backbone_dir),
+        config,
+    )
+    m = result.metrics
+    # A random tiny backbone still separates the word lists: its features carry the tokens.
+    assert m["accuracy_after"] >= 0.9 and m["method"] == "probe" and m["steps"] == 0
+    folder = result.version.path
+    probe = json.loads((folder / "reward_probe.json").read_text())
+    # Layer and L2 were chosen by cross-validation over the training prompts.
+    assert probe["layer"] == m["probe_layer"] and probe["pooling"] == "answer"
+    assert {g["layer"] for g in probe["grid"]} >= {probe["layer"]} and len(probe["grid"]) >= 5
+    assert min(g["loss"] for g in probe["grid"]) == pytest.approx(probe["cross_validation_loss"])
+    assert probe["folds"] == 5 and m["validation_pairs"] == 0 and m["train_pairs"] == 160
+    assert (folder / "reward_probe.safetensors").is_file() and (folder / "config.json").is_file()
+    served = RewardModel.load(folder, dtype="float32")
+    assert served.probe is not None and served.probe.layer == probe["layer"]
+    assert pairwise_accuracy(served, synthetic_pairs(40, 1)) == pytest.approx(m["accuracy_after"])
+    # Scores are batch invariant and centred on the training answers.
+    data = synthetic_pairs(20, 2)
+    together = served.score(data["prompt"], data["chosen"], batch_size=7)
+    alone = [served.score([p], [a])[0] for p, a in zip(data["prompt"], data["chosen"], strict=True)]
+    assert together == pytest.approx(alone, abs=1e-4)
+    train = synthetic_pairs(160, 0)
+    scores = served.score(
+        list(train["prompt"]) * 2, list(train["chosen"]) + list(train["rejected"])
+    )
+    assert abs(sum(scores) / len(scores)) < 0.2 * (max(scores) - min(scores))
+
+
+def test_a_probe_warm_start_keeps_its_layer_and_learns_new_pairs(
+    tmp_path, tiny_reward_backbone_dir
+):
+    registry = Registry(tmp_path / "registry")
+    config = RewardTrainingConfig(method="probe", max_length=64, dtype="float32")
+    first = train_reward(
+        synthetic_pairs(60, 0),
+        synthetic_pairs(40, 1),
+        registry,
+        str(tiny_reward_backbone_dir),
+        config,
+    )
+    warm = RewardTrainingConfig(method="probe", max_length=64, dtype="float32", warm_start=True)
+    second = train_reward(
+        synthetic_pairs(160, 3),
+        synthetic_pairs(40, 1),
+        registry,
+        str(tiny_reward_backbone_dir),
+        warm,
+    )
+    assert second.metrics["probe_layer"] == first.metrics["probe_layer"]
+    metadata = json.loads((second.version.path / "metadata.json").read_text())
+    assert metadata["started_from"] == "current version" and metadata["parent"] == "v1"
+    assert second.metrics["current_accuracy"] == pytest.approx(first.metrics["accuracy_after"])
+
+
+def test_the_counterfactual_penalty_needs_fine_tuning(tmp_path, tiny_reward_backbone_dir):
+    with pytest.raises(ValueError, match="method finetune"):
+        train_reward(
+            synthetic_pairs(20, 0),
+            synthetic_pairs(8, 1),
+            Registry(tmp_path / "registry"),
+            str(tiny_reward_backbone_dir),
+            RewardTrainingConfig(method="probe"),
+            extra_loss=lambda model: torch.zeros(()),
+        )
+    with pytest.raises(ValueError, match="method must be one of"):
+        RewardTrainingConfig(method="lora")
+
+
+def test_auto_keeps_the_method_with_the_lower_validation_loss(tmp_path, tiny_reward_backbone_dir):
+    registry = Registry(tmp_path / "registry")
+    config = RewardTrainingConfig(
+        method="auto", max_length=64, dtype="float32", num_train_epochs=1, learning_rate=1e-3
+    )
+    result = train_reward(
+        synthetic_pairs(160, 0),
+        synthetic_pairs(40, 1),
+        registry,
+        str(tiny_reward_backbone_dir),
+        config,
+    )
+    auto = result.metrics["auto"]
+    losses = {"probe": auto["probe_validation_loss"], "finetune": auto["finetune_validation_loss"]}
+    assert auto["chosen"] == min(losses, key=losses.get) == result.metrics["method"]
+    folder = result.version.path
+    assert (folder / "reward_probe.json").is_file() == (auto["chosen"] == "probe")
+    served = RewardModel.load(folder, dtype="float32")
+    assert pairwise_accuracy(served, synthetic_pairs(40, 1)) == pytest.approx(
+        result.metrics["accuracy_after"]
+    )

@@ -170,6 +170,23 @@ def load_sequence_classifier(
     return model, tokenizer
 
 
+def load_backbone(
+    name_or_path: str, dtype: str = "float32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model without a task head (hidden states only) and its tokenizer: what a linear
+    probe reads (training/reward_probe.py); `dtype` as for `load_sequence_classifier`."""
+    import torch
+    from transformers import AutoModel
+
+    tokenizer = load_tokenizer(name_or_path, padding_side="right")
+    try:
+        model = AutoModel.from_pretrained(name_or_path, dtype=getattr(torch, resolve_dtype(dtype)))
+    except OSError as err:
+        raise ModelNotFoundError(_not_found(name_or_path, err)) from err
+    model.eval()
+    return model, tokenizer
+
+
 def _not_found(name_or_path: str, err: Exception) -> str:
     if Path(name_or_path).exists():
         return f"could not load a model from folder {name_or_path}: {err}"

@@ -31,7 +31,6 @@ MiniLM do not have, and it drops over-long pairs instead of truncating them.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -45,151 +44,49 @@ from typing import Any, cast
 
 import torch
 from datasets import Dataset
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
-from training.models import load_sequence_classifier
+from training.models import load_backbone, load_sequence_classifier
 from training.precision import resolve_dtype
 from training.registry import Registry, Version
-from training.reward_eval import RewardEvaluation, evaluate_reward, reward_differences
+from training.reward_eval import RewardEvaluation, evaluate_reward
+from training.reward_model import (
+    TRAINED_PAIRS_FILE,
+    RewardModel,
+    format_reward_input,
+    longer_answer_accuracy,
+    pair_key,
+    pairwise_accuracy,
+)
+from training.reward_model import trained_pairs as trained_pairs  # imported from here too
+from training.reward_probe import (
+    JudgedPairs,
+    LinearProbe,
+    answer_token_counts,
+    candidate_layers,
+    fit_probe,
+    is_probe,
+    pooled_features,
+    probe_figures,
+)
 from training.settings import report_to
 
 log = logging.getLogger(__name__)
 
-
-def format_reward_input(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str, max_length: int = 512
-) -> list[int]:
-    """Token ids of (prompt, answer) for a reward model, at most `max_length` long."""
-    if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-            tokenize=True,
-        )
-        if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding (not a dict)
-            ids = ids["input_ids"]
-        return list(ids)[-max_length:]
-    # Encoder: one "[CLS] prompt [SEP] answer [SEP]" sequence, prompt cut from the left.
-    budget = max_length - tokenizer.num_special_tokens_to_add(pair=True)
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    keep_prompt = min(16, budget // 4)  # an answer alone too long still leaves the question's end
-    if len(answer_ids) > budget - keep_prompt:
-        answer = str(tokenizer.decode(answer_ids[: budget - keep_prompt]))
-    side = tokenizer.truncation_side
-    tokenizer.truncation_side = "left"
-    try:
-        encoded = tokenizer(prompt, answer, truncation="only_first", max_length=max_length)
-    finally:
-        tokenizer.truncation_side = side
-    return list(encoded["input_ids"])[:max_length]
-
-
-class RewardModel:
-    """A trained reward model (a registry version) or any HF sequence classifier."""
-
-    def __init__(
-        self,
-        model,
-        tokenizer: PreTrainedTokenizerBase,
-        name: str,
-        max_length: int = 512,
-        autocast: bool = False,
-    ) -> None:
-        self.model, self.tokenizer, self.name, self.max_length = model, tokenizer, name, max_length
-        # bfloat16 autocast over float32 weights: the model being trained, scored cheaply.
-        self.autocast = autocast
-
-    @classmethod
-    def load(
-        cls, path_or_id: str | Path, max_length: int | None = None, dtype: str | None = None
-    ) -> RewardModel:
-        """Load a version folder or any HF model; weights in `dtype` (None: the
-        LS_RLHF_DTYPE setting, `auto` by default: bfloat16 where the hardware has it)."""
-        if dtype is None:
-            from training.settings import Settings
-
-            dtype = Settings.from_env().dtype
-        model, tokenizer = load_sequence_classifier(str(path_or_id), dtype=dtype)
-        name = str(path_or_id)
-        metadata_file = Path(path_or_id) / "metadata.json"
-        if metadata_file.is_file():
-            metadata = json.loads(metadata_file.read_text())
-            name = (
-                f"{metadata.get('kind', 'reward')}-{metadata.get('version', Path(path_or_id).name)}"
-            )
-            max_length = max_length or metadata.get("config", {}).get("max_length")
-        return cls(model, tokenizer, name, max_length or 512)
-
-    @torch.inference_mode()
-    def score(
-        self, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32
-    ) -> list[float]:
-        """The reward of each (prompt, answer), in input order."""
-        if len(prompts) != len(answers):
-            raise ValueError(
-                f"{len(prompts)} prompts but {len(answers)} answers: give one prompt per answer"
-            )
-        encoded = [
-            format_reward_input(self.tokenizer, p, a, self.max_length)
-            for p, a in zip(prompts, answers, strict=True)
-        ]
-        order = sorted(
-            range(len(encoded)), key=lambda i: len(encoded[i])
-        )  # similar lengths: less padding
-        scores = [0.0] * len(encoded)
-        pad = self.tokenizer.pad_token_id or 0
-        starts = range(0, len(order), batch_size)
-        # A bar (with its ETA) only where scoring takes a while and someone watches a terminal.
-        bar = tqdm(
-            starts,
-            desc=f"scoring with {self.name}",
-            unit="batch",
-            leave=False,
-            disable=None if len(starts) >= 8 else True,
-        )
-        for start in bar:
-            idx = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                input_ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                mask[row, : len(encoded[i])] = 1
-            with torch.autocast(
-                self.model.device.type, dtype=torch.bfloat16, enabled=self.autocast
-            ):
-                logits = self.model(
-                    input_ids=input_ids.to(self.model.device),
-                    attention_mask=mask.to(self.model.device),
-                ).logits
-            for row, i in enumerate(idx):
-                scores[i] = float(logits[row, 0].float())
-        return scores
-
-
-def pairwise_accuracy(model: RewardModel, dataset: Dataset, batch_size: int = 32) -> float:
-    """Fraction of pairs where the chosen answer scores higher than the rejected one.
-
-    Each distinct (prompt, answer) is scored once (`reward_differences`).
-    """
-    if len(dataset) == 0:
-        return float("nan")
-    score = functools.partial(model.score, batch_size=batch_size)
-    return float((reward_differences(score, dataset) > 0).mean())
-
-
-def longer_answer_accuracy(dataset: Dataset) -> float:
-    """The "longer answer wins" baseline: how often the chosen answer is the longer one."""
-    if len(dataset) == 0:
-        return float("nan")
-    return sum(
-        len(c) > len(r) for c, r in zip(dataset["chosen"], dataset["rejected"], strict=True)
-    ) / len(dataset)
+METHODS = ("auto", "probe", "finetune")
 
 
 @dataclass
 class RewardTrainingConfig:
+    method: str = field(
+        default="finetune",
+        metadata={
+            "help": "probe: a linear Bradley-Terry model on the frozen backbone's features "
+            "(training/reward_probe.py; each answer read once, no backward pass); finetune: "
+            "train the backbone and a score head with TRL's RewardTrainer."
+        },
+    )
     learning_rate: float = field(
         default=2e-4,
         metadata={
@@ -295,6 +192,8 @@ class RewardTrainingConfig:
     seed: int = field(default=0, metadata={"help": "Random seed."})
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.promote not in ("if_not_worse", "always", "never"):
             raise ValueError(f"promote must be if_not_worse, always or never, not {self.promote!r}")
         if not 0 <= self.validation_fraction < 1:
@@ -497,19 +396,6 @@ class _Progress(TrainerCallback):
             self.report(state.global_step / state.max_steps)
 
 
-TRAINED_PAIRS_FILE = "trained_pairs.txt"
-
-
-def pair_key(prompt: str, chosen: str, rejected: str) -> str:
-    return hashlib.sha256(json.dumps([prompt, chosen, rejected]).encode()).hexdigest()[:16]
-
-
-def trained_pairs(version_path: Path) -> set[str]:
-    """Keys (`pair_key`) of the pairs a version was trained on; empty for older versions."""
-    path = Path(version_path) / TRAINED_PAIRS_FILE
-    return set(path.read_text().split()) if path.is_file() else set()
-
-
 def fingerprint(dataset: Dataset) -> str:
     digest = hashlib.sha256()
     for row in zip(dataset["prompt"], dataset["chosen"], dataset["rejected"], strict=True):
@@ -530,71 +416,39 @@ def train_reward(
 ) -> RewardTrainingResult:
     """Fit a reward model on `train`, judge it on `eval`, write a version, maybe promote it.
 
-    A share of `train`'s prompts (`validation_fraction`) is set aside to choose the stopping
-    point: training stops once the validation loss has not improved for
-    `early_stopping_patience` evaluations and keeps the best evaluated weights. `eval` is
-    only scored before and after, so nothing is chosen on it.
+    A share of `train`'s prompts (`validation_fraction`) is set aside to choose what the
+    method leaves open: a linear probe's layer and regularization, a fine-tuning run's
+    stopping point (training stops once the validation loss has not improved for
+    `early_stopping_patience` evaluations and keeps the best evaluated weights). `eval` is
+    only scored at the end, so nothing is chosen on it.
 
-    `extra_evaluations` name further figures of the trained model (as it will be served),
-    e.g. {"fairness": counterfactual gaps}; each lands in the version's metadata under its name.
+    `extra_loss` (fine-tuning only) is added to every step's loss; `extra_evaluations` name
+    further figures of the trained model (as it will be served), e.g. {"fairness":
+    counterfactual gaps}; each lands in the version's metadata under its name.
     """
     config = config or RewardTrainingConfig()
     if len(train) == 0:
         raise ValueError("no preference pairs to train on: annotate comparisons or rankings first")
-    bf16 = resolve_dtype(config.dtype) == "bfloat16"
+    if extra_loss is not None and config.method == "probe":
+        raise ValueError(
+            "the counterfactual penalty trains the backbone, a linear probe does not: "
+            "use method finetune (--method finetune) with it"
+        )
     current = registry.current("reward")
-    start_from = str(current.path) if (config.warm_start and current) else backbone
-    model, tokenizer = load_sequence_classifier(start_from)
-    if config.train_top_layers > 0:
-        freeze_below_top_layers(model, config.train_top_layers)
-    accuracy_before = pairwise_accuracy(
-        RewardModel(model, tokenizer, "before", config.max_length, autocast=bf16), eval
+    # A probe cross-validates over every training pair; fine-tuning stops on a validation
+    # split, and `auto` compares the two methods on that split.
+    fit, validation = (
+        (train, None) if config.method == "probe" else _validation_split(train, config)
     )
-    if current is None:
-        current_accuracy = None
-    elif start_from == str(current.path):
-        current_accuracy = accuracy_before  # warm start: the untrained model is the current one
-    else:
-        current_accuracy = pairwise_accuracy(
-            RewardModel.load(current.path, config.max_length, dtype=config.dtype), eval
-        )
-    fit, validation = _validation_split(train, config)
-    if tokenizer.pad_token is None:  # decoders such as GPT-2 pad with their eos token
-        tokenizer.pad_token = tokenizer.eos_token
-    train_groups = tokenize_groups(fit, tokenizer, config.max_length, config.use_margin)
-    validation_groups = (
-        tokenize_groups(validation, tokenizer, config.max_length, config.use_margin)
-        if validation is not None
-        else None
-    )
-
     with registry.stage("reward") as staged:
-        trainer = PairwiseRewardTrainer(
-            model=model,
-            args=_trainer_args(config, staged / "trainer", len(train_groups), validation, bf16),
-            data_collator=collate_groups(tokenizer.pad_token_id),
-            train_dataset=train_groups,
-            eval_dataset=validation_groups,
-            processing_class=tokenizer,
-        )
-        trainer.extra_loss = extra_loss
-        keep_best = _KeepBest(config.early_stopping_patience)
-        if validation_groups is not None:
-            trainer.add_callback(keep_best)
-        if progress:
-            trainer.add_callback(_Progress(progress))
-        if config.max_minutes > 0:
-            trainer.add_callback(_TimeBudget(config.max_minutes))
-        started = time.perf_counter()
-        output = trainer.train()
-        if validation_groups is not None:
-            if keep_best.last_step != trainer.state.global_step:
-                trainer.evaluate()  # the weights training ended with are a candidate too
-            keep_best.restore(model)
-        seconds = time.perf_counter() - started
-
-        model.save_pretrained(staged)
-        tokenizer.save_pretrained(staged)
+        if config.method == "finetune":
+            fitted = _fine_tune(
+                fit, validation, eval, staged, backbone, current, config, extra_loss, progress
+            )
+        else:
+            fitted = _probe_or_fine_tune(
+                fit, validation, eval, staged, backbone, current, config, progress
+            )
         # What this version learned from, so a warm start can tell new annotations from old.
         (staged / TRAINED_PAIRS_FILE).write_text(
             "".join(
@@ -602,31 +456,30 @@ def train_reward(
                 for row in zip(train["prompt"], train["chosen"], train["rejected"], strict=True)
             )
         )
-        shutil.rmtree(staged / "trainer", ignore_errors=True)
         # Judged as it will be served: reloaded from the folder, in the serving precision.
         served = RewardModel.load(staged, config.max_length, dtype=config.dtype)
         # A tiny project can leave no held-out pairs: the version is trained, but unjudged.
         evaluation = evaluate_reward(served.score, eval) if len(eval) else None
         accuracy_after = evaluation.accuracy if evaluation else float("nan")
+        if current is None:
+            current_accuracy = None
+        elif fitted.current_accuracy is not None:
+            current_accuracy = fitted.current_accuracy
+        else:
+            current_accuracy = pairwise_accuracy(
+                RewardModel.load(current.path, config.max_length, dtype=config.dtype), eval
+            )
         extra = {name: figures(served) for name, figures in (extra_evaluations or {}).items()}
-        curves = plot_curves(trainer.state.log_history, staged / "training_curves.png")
         metrics = {
-            "accuracy_before": accuracy_before,
+            "method": fitted.method,
+            "accuracy_before": fitted.accuracy_before,
             "accuracy_after": accuracy_after,
             "current_accuracy": current_accuracy,
             "longer_answer_accuracy": longer_answer_accuracy(eval),
-            "train_loss": output.training_loss,
             "train_pairs": len(fit),
             "validation_pairs": 0 if validation is None else len(validation),
             "eval_pairs": len(eval),
-            "steps": trainer.state.global_step,
-            "best_step": keep_best.best_step,
-            "best_validation_loss": keep_best.best_loss if keep_best.best_step else None,
-            "stopped_early": keep_best.stopped,
-            "epochs": round(trainer.state.epoch or 0, 3),
-            "seconds": round(seconds, 2),
-            "pairs_per_second": round(len(fit) * (trainer.state.epoch or 0) / seconds, 2),
-            "precision": "bfloat16 autocast" if bf16 else "float32",
+            **fitted.metrics,
         }
         promoted = _should_promote(config.promote, accuracy_after, current_accuracy)
         version = registry.commit(
@@ -637,18 +490,18 @@ def train_reward(
                 "evaluation": evaluation.to_dict() if evaluation else None,
                 **extra,
                 "parent": current.name if current else None,
-                "started_from": "current version" if start_from != backbone else backbone,
+                "started_from": fitted.started_from,
                 "backbone": backbone,
                 "config": asdict(config),
                 "data": {"fingerprint": fingerprint(train), **(data_info or {})},
-                "curves": curves,
+                "curves": fitted.curves,
             },
             promote=promoted,
         )
     log.info(
-        "reward %s: held-out accuracy %.3f -> %.3f (current %s), %s",
+        "reward %s (%s): held-out accuracy %.3f (current %s), %s",
         version.label,
-        accuracy_before,
+        fitted.method,
         accuracy_after,
         "none" if current_accuracy is None else f"{current_accuracy:.3f}",
         "promoted" if promoted else "not promoted",
@@ -656,6 +509,260 @@ def train_reward(
     return RewardTrainingResult(
         version=version, promoted=promoted, metrics=metrics, evaluation=evaluation
     )
+
+
+@dataclass
+class _Fitted:
+    """What a fitting method leaves in the staged folder besides the weights."""
+
+    metrics: dict[str, Any]
+    started_from: str
+    method: str = "finetune"
+    accuracy_before: float | None = None  # the untrained model, where there is one
+    current_accuracy: float | None = None  # when the start point was the current version
+    curves: str | None = None
+
+
+def _fine_tune(
+    fit: Dataset,
+    validation: Dataset | None,
+    eval: Dataset,
+    staged: Path,
+    backbone: str,
+    current: Version | None,
+    config: RewardTrainingConfig,
+    extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None,
+    progress: Callable[[float], None] | None,
+) -> _Fitted:
+    """Fine-tune a sequence classifier with TRL's RewardTrainer on prompt groups."""
+    bf16 = resolve_dtype(config.dtype) == "bfloat16"
+    warm = bool(config.warm_start and current and not is_probe(current.path))
+    start_from = str(current.path) if warm and current else backbone
+    model, tokenizer = load_sequence_classifier(start_from)
+    if config.train_top_layers > 0:
+        freeze_below_top_layers(model, config.train_top_layers)
+    accuracy_before = pairwise_accuracy(
+        RewardModel(model, tokenizer, "before", config.max_length, autocast=bf16), eval
+    )
+    if tokenizer.pad_token is None:  # decoders such as GPT-2 pad with their eos token
+        tokenizer.pad_token = tokenizer.eos_token
+    train_groups = tokenize_groups(fit, tokenizer, config.max_length, config.use_margin)
+    validation_groups = (
+        tokenize_groups(validation, tokenizer, config.max_length, config.use_margin)
+        if validation is not None
+        else None
+    )
+    trainer = PairwiseRewardTrainer(
+        model=model,
+        args=_trainer_args(config, staged / "trainer", len(train_groups), validation, bf16),
+        data_collator=collate_groups(tokenizer.pad_token_id),
+        train_dataset=train_groups,
+        eval_dataset=validation_groups,
+        processing_class=tokenizer,
+    )
+    trainer.extra_loss = extra_loss
+    keep_best = _KeepBest(config.early_stopping_patience)
+    if validation_groups is not None:
+        trainer.add_callback(keep_best)
+    if progress:
+        trainer.add_callback(_Progress(progress))
+    if config.max_minutes > 0:
+        trainer.add_callback(_TimeBudget(config.max_minutes))
+    started = time.perf_counter()
+    output = trainer.train()
+    if validation_groups is not None:
+        if keep_best.last_step != trainer.state.global_step:
+            trainer.evaluate()  # the weights training ended with are a candidate too
+        keep_best.restore(model)
+    seconds = time.perf_counter() - started
+    model.save_pretrained(staged)
+    tokenizer.save_pretrained(staged)
+    shutil.rmtree(staged / "trainer", ignore_errors=True)
+    return _Fitted(
+        metrics={
+            "train_loss": output.training_loss,
+            "steps": trainer.state.global_step,
+            "best_step": keep_best.best_step,
+            "best_validation_loss": keep_best.best_loss if keep_best.best_step else None,
+            "stopped_early": keep_best.stopped,
+            "epochs": round(trainer.state.epoch or 0, 3),
+            "seconds": round(seconds, 2),
+            "pairs_per_second": round(len(fit) * (trainer.state.epoch or 0) / seconds, 2),
+            "precision": "bfloat16 autocast" if bf16 else "float32",
+        },
+        started_from="current version" if warm else backbone,
+        accuracy_before=accuracy_before,
+        current_accuracy=accuracy_before if warm else None,
+        curves=plot_curves(trainer.state.log_history, staged / "training_curves.png"),
+    )
+
+
+@dataclass
+class _Probed:
+    """A linear probe fitted in memory, with what it read, before anything is saved."""
+
+    probe: LinearProbe
+    model: Any
+    tokenizer: PreTrainedTokenizerBase
+    layers: list[int]
+    features: torch.Tensor  # [layers, answers, hidden]
+    answers: dict[tuple[str, str], int]
+    started_from: str
+    dtype: str
+    seconds: float
+
+    def pairs(self, dataset: Dataset, use_margin: bool) -> JudgedPairs:
+        margins = (
+            dataset["margin"]
+            if use_margin and "margin" in dataset.column_names
+            else [0.0] * len(dataset)
+        )
+        rows = zip(dataset["prompt"], dataset["chosen"], dataset["rejected"], strict=True)
+        chosen, rejected, folds = [], [], []
+        for prompt, c, r in rows:
+            chosen.append(self.answers[(prompt, c)])
+            rejected.append(self.answers[(prompt, r)])
+            folds.append(JudgedPairs.fold_of(prompt))
+        return JudgedPairs(
+            torch.tensor(chosen),
+            torch.tensor(rejected),
+            torch.tensor([float(m or 0.0) for m in margins]),
+            torch.tensor(folds),
+        )
+
+    def refit(self, datasets: Sequence[Dataset], use_margin: bool) -> None:
+        """The chosen layer and l2 again, on more pairs (the validation split's too)."""
+        pairs = [self.pairs(d, use_margin) for d in datasets]
+        joined = JudgedPairs(
+            *(
+                torch.cat([getattr(p, f) for p in pairs])
+                for f in ("chosen", "rejected", "margin", "fold")
+            )
+        )
+        selection = self.probe.selection
+        refitted = fit_probe(
+            self.features, self.layers, joined, [selection["l2"]], self.probe.layer
+        )
+        refitted.selection = {**selection, "refitted_on_pairs": len(joined)}
+        self.probe = refitted
+
+    def save(self, staged: Path) -> None:
+        self.model.float().save_pretrained(staged)  # scoring casts to its own precision
+        self.tokenizer.save_pretrained(staged)
+        self.probe.save(staged)
+
+    def metrics(self, fit_pairs: int) -> dict[str, Any]:
+        return {
+            "steps": 0,
+            "epochs": 1,  # the backbone reads each answer once
+            "best_step": None,
+            "stopped_early": False,
+            "probe_layer": self.probe.layer,
+            "probe_l2": self.probe.selection["l2"],
+            "probe_cross_validation_loss": self.probe.selection["cross_validation_loss"],
+            "answers_read": len(self.answers),
+            "seconds": round(self.seconds, 2),
+            "pairs_per_second": round(fit_pairs / max(self.seconds, 1e-9), 2),
+            "precision": self.dtype,
+        }
+
+
+def _fit_linear_probe(
+    datasets: Sequence[Dataset],
+    backbone: str,
+    current: Version | None,
+    config: RewardTrainingConfig,
+) -> _Probed:
+    """Read every distinct answer of `datasets` once with the frozen backbone; fit a linear
+    probe (training/reward_probe.py) on the first dataset's pairs. A warm start keeps the
+    current probe's backbone and layer and refits the weights: there is no optimizer state
+    to carry over, and a fit takes seconds."""
+    dtype = resolve_dtype(config.dtype)  # features as scoring will compute them
+    warm = bool(config.warm_start and current and is_probe(current.path))
+    start_from = str(current.path) if warm and current else backbone
+    model, tokenizer = load_backbone(start_from, dtype=dtype)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    keep = LinearProbe.load(Path(start_from)).layer if warm else None
+    layers = [keep] if keep is not None else candidate_layers(model)
+    started = time.perf_counter()
+    answers: dict[tuple[str, str], int] = {}
+    for dataset in datasets:
+        for prompt, chosen, rejected in zip(
+            dataset["prompt"], dataset["chosen"], dataset["rejected"], strict=True
+        ):
+            answers.setdefault((prompt, chosen), len(answers))
+            answers.setdefault((prompt, rejected), len(answers))
+    encoded = [format_reward_input(tokenizer, p, a, config.max_length) for p, a in answers]
+    last = answer_token_counts(tokenizer, [a for _, a in answers], encoded)
+    features = pooled_features(model, tokenizer, encoded, layers, last, desc="reading answers")
+    probed = _Probed(
+        cast(LinearProbe, None),
+        model,
+        tokenizer,
+        layers,
+        features,
+        answers,
+        "current version" if warm else backbone,
+        dtype,
+        0.0,
+    )
+    probed.probe = fit_probe(
+        features, layers, probed.pairs(datasets[0], config.use_margin), layer=keep
+    )
+    probed.seconds = time.perf_counter() - started
+    return probed
+
+
+def _probe_or_fine_tune(
+    fit: Dataset,
+    validation: Dataset | None,
+    eval: Dataset,
+    staged: Path,
+    backbone: str,
+    current: Version | None,
+    config: RewardTrainingConfig,
+    progress: Callable[[float], None] | None,
+) -> _Fitted:
+    """`probe`: a linear probe. `auto`: a probe and a fine-tuned model, and the one with the
+    lower Bradley-Terry loss on the validation split is kept (the probe then refitted on
+    the validation pairs too). With too few pairs for a validation split, `auto` keeps the
+    probe: it has two settings to choose, a fine-tuning run has millions of weights."""
+    sets = [fit] if validation is None else [fit, validation]
+    probed = _fit_linear_probe(sets, backbone, current, config)
+    comparison: dict[str, Any] = {}
+    if config.method == "auto" and validation is not None:
+        layer = probed.layers.index(probed.probe.layer)
+        rewards = probed.probe(probed.features[layer])
+        probe_loss, probe_accuracy = probe_figures(
+            probed.probe, probed.features[layer], probed.pairs(validation, config.use_margin)
+        )
+        # The fine-tuned model's validation loss carries TRL's centring term; so does this.
+        probe_loss += (config.center_rewards_coefficient or 0.0) * float(rewards.pow(2).mean())
+        tuned = _fine_tune(fit, validation, eval, staged, backbone, current, config, None, progress)
+        tuned_loss = tuned.metrics["best_validation_loss"]
+        comparison = {
+            "probe_validation_loss": round(probe_loss, 5),
+            "probe_validation_accuracy": round(probe_accuracy, 4),
+            "finetune_validation_loss": tuned_loss,
+        }
+        log.info(
+            "auto: validation loss %.4f for the linear probe, %s for fine-tuning",
+            probe_loss,
+            "none" if tuned_loss is None else f"{tuned_loss:.4f}",
+        )
+        if tuned_loss is not None and tuned_loss < probe_loss:
+            tuned.metrics = {**tuned.metrics, "auto": {**comparison, "chosen": "finetune"}}
+            return tuned
+        for path in list(staged.iterdir()):  # the fine-tuned files give way to the probe's
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if validation is not None:
+        probed.refit([fit, validation], config.use_margin)
+    probed.save(staged)
+    metrics = probed.metrics(len(fit) + (len(validation) if validation is not None else 0))
+    if comparison:
+        metrics["auto"] = {**comparison, "chosen": "probe"}
+    return _Fitted(metrics=metrics, started_from=probed.started_from, method="probe")
 
 
 MIN_VALIDATION_PAIRS = 8
