@@ -16,10 +16,12 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
 from ml_backend.backend import RLHFBackend
@@ -84,283 +86,339 @@ def create_app(
     app = Flask("ls_rlhf")
     # Werkzeug refuses a longer body (Content-Length or a chunked stream) with a 413.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    scrub = _scrubber(settings)
     app.extensions["ls_rlhf"] = backend
-    started_at = time.time()
+    app.extensions["ls_rlhf_parts"] = _Parts(
+        settings, holder, backend, events, scheduler, _scrubber(settings), time.time()
+    )
+    app.register_blueprint(api)
+    return app
 
-    @app.before_request
-    def check_auth() -> Response | None:
-        if _authorized(settings, request.path, request.headers):
-            return None
-        response = jsonify(
-            error="authentication required: use the backend's HTTP Basic auth user and password"
-            + (
-                f" (or, on /webhook, the {WEBHOOK_SECRET_HEADER} header)"
-                if settings.webhook_secret and request.path == "/webhook"
-                else ""
-            ),
-            field="Authorization",
+
+@dataclass(frozen=True)
+class _Parts:
+    """What the routes and error handlers need, built once by `create_app`."""
+
+    settings: Settings
+    holder: ModelHolder
+    backend: RLHFBackend
+    events: EventLog
+    scheduler: JobScheduler
+    scrub: Callable[[str], str]  # takes the server's folders out of a client's message
+    started_at: float
+
+
+def _parts() -> _Parts:
+    return current_app.extensions["ls_rlhf_parts"]
+
+
+# The routes, the auth check and the error handlers, registered on every app create_app
+# builds (app_errorhandler: also for answers no route gives, such as a 404).
+api = Blueprint("ls_rlhf", __name__)
+
+
+# Every answer that is not a success is JSON: {"error": what is wrong and what to do,
+# "field": what it is about}. Paths on the server's disk and tracebacks go to the log.
+def _error(message: str, field: str, status: int, **extra: Any) -> tuple[Response, int]:
+    return jsonify(error=_parts().scrub(message), field=field, **extra), status
+
+
+@api.before_app_request
+def check_auth() -> Response | None:
+    settings = _parts().settings
+    if _authorized(settings, request.path, request.headers):
+        return None
+    response = jsonify(
+        error="authentication required: use the backend's HTTP Basic auth user and password"
+        + (
+            f" (or, on /webhook, the {WEBHOOK_SECRET_HEADER} header)"
+            if settings.webhook_secret and request.path == "/webhook"
+            else ""
+        ),
+        field="Authorization",
+    )
+    response.status_code = 401
+    response.headers["WWW-Authenticate"] = 'Basic realm="ls-rlhf"'
+    return response
+
+
+@api.app_errorhandler(InputError)
+def input_error(err: InputError):
+    extra = {"task": err.task_id} if isinstance(err, TaskDataError) else {}
+    return _error(str(err), err.field, err.status, **extra)
+
+
+@api.app_errorhandler(LabelConfigError)
+def config_error(err: LabelConfigError):
+    return _error(f'label config does not fit ("label_config"): {err}', "label_config", 422)
+
+
+@api.app_errorhandler(EventError)
+def event_error(err: EventError):
+    return _error(str(err), err.field, 400)
+
+
+@api.app_errorhandler(RegistryError)
+def registry_error(err: RegistryError):
+    scrub = _parts().scrub
+    log.info("registry: %s", err)
+    # Which folder (the root or a project's lineage) is for the log, not the client.
+    message = re.sub(r" in <server folder>\S*", "", scrub(str(err)))
+    return _error(f"{message} (`ls-rlhf versions list` shows them)", "version", 404)
+
+
+@api.app_errorhandler(RegistryWriteError)
+def registry_write_error(err: RegistryWriteError):
+    log.error("registry: %s", err)
+    return _error(str(err.strerror or err), "version", 507)
+
+
+@api.app_errorhandler(TimeoutError)
+def still_loading(err: TimeoutError):
+    return _error(str(err), "models", 503)
+
+
+@api.app_errorhandler(RequestEntityTooLarge)
+def too_large(err: RequestEntityTooLarge):
+    return _error(
+        f"the request body is over {_parts().settings.max_request_bytes} bytes "
+        "(LS_RLHF_MAX_REQUEST_BYTES): send less, or raise the limit",
+        "body",
+        413,
+    )
+
+
+@api.app_errorhandler(NotFound)
+def not_found(err: NotFound):
+    return _error(f"no route {request.path}; the backend serves {ROUTES}", "path", 404)
+
+
+@api.app_errorhandler(MethodNotAllowed)
+def not_allowed(err: MethodNotAllowed):
+    allowed = sorted(set(err.valid_methods or ()) - {"HEAD", "OPTIONS"})
+    response, status = _error(
+        f"{request.method} is not allowed on {request.path}; use {' or '.join(allowed)}",
+        "method",
+        405,
+    )
+    response.headers["Allow"] = ", ".join(sorted(err.valid_methods or ()))
+    return response, status
+
+
+@api.app_errorhandler(HTTPException)
+def http_error(err: HTTPException):
+    return _error(f"{err.name}: {err.description}", "request", err.code or 400)
+
+
+@api.app_errorhandler(Exception)
+def unexpected(err: Exception):
+    holder = _parts().holder
+    # ValueErrors and the rest that no handler above knows are the backend's own faults.
+    log.exception("%s %s failed", request.method, request.path)
+    if isinstance(err, RuntimeError) and holder.load_error and not holder.ready:
+        return _error(
+            "the models failed to load; GET /health says why and the backend's log has the details",
+            "models",
+            503,
         )
-        response.status_code = 401
-        response.headers["WWW-Authenticate"] = 'Basic realm="ls-rlhf"'
-        return response
+    return _error(
+        f"the backend failed on this request ({type(err).__name__}); its log has the "
+        "details: please report it",
+        "backend",
+        500,
+    )
 
-    # Every answer that is not a success is JSON: {"error": what is wrong and what to do,
-    # "field": what it is about}. Paths on the server's disk and tracebacks go to the log.
-    def error(message: str, field: str, status: int, **extra: Any) -> tuple[Response, int]:
-        return jsonify(error=scrub(message), field=field, **extra), status
 
-    @app.errorhandler(InputError)
-    def input_error(err: InputError):
-        extra = {"task": err.task_id} if isinstance(err, TaskDataError) else {}
-        return error(str(err), err.field, err.status, **extra)
+@api.get("/")
+@api.get("/health")
+def health():
+    parts = _parts()
+    state = "loaded" if parts.holder.ready else ("failed" if parts.holder.load_error else "loading")
+    body: dict[str, Any] = {"status": "UP", "model_class": "RLHFBackend", "models": state}
+    if parts.holder.ready:
+        body["model_version"] = parts.holder.get().model_version
+    if parts.holder.load_error:
+        body["error"] = parts.scrub(parts.holder.load_error)
+    problems = parts.holder.problems()
+    if problems:
+        # A damaged registry: still serving (the last good versions), but say what is wrong.
+        body["registry"] = problems
+    return jsonify(body)
 
-    @app.errorhandler(LabelConfigError)
-    def config_error(err: LabelConfigError):
-        return error(f'label config does not fit ("label_config"): {err}', "label_config", 422)
 
-    @app.errorhandler(EventError)
-    def event_error(err: EventError):
-        return error(str(err), err.field, 400)
+@api.post("/setup")
+def setup():
+    backend = _parts().backend
+    return jsonify(backend.setup(_json_object()))
 
-    @app.errorhandler(RegistryError)
-    def registry_error(err: RegistryError):
-        log.info("registry: %s", err)
-        # Which folder (the root or a project's lineage) is for the log, not the client.
-        message = re.sub(r" in <server folder>\S*", "", scrub(str(err)))
-        return error(f"{message} (`ls-rlhf versions list` shows them)", "version", 404)
 
-    @app.errorhandler(RegistryWriteError)
-    def registry_write_error(err: RegistryWriteError):
-        log.error("registry: %s", err)
-        return error(str(err.strerror or err), "version", 507)
-
-    @app.errorhandler(TimeoutError)
-    def still_loading(err: TimeoutError):
-        return error(str(err), "models", 503)
-
-    @app.errorhandler(RequestEntityTooLarge)
-    def too_large(err: RequestEntityTooLarge):
-        return error(
-            f"the request body is over {settings.max_request_bytes} bytes "
-            "(LS_RLHF_MAX_REQUEST_BYTES): send less, or raise the limit",
-            "body",
+@api.post("/predict")
+def predict():
+    parts = _parts()
+    payload = _json_object()
+    tasks = payload.get("tasks")
+    if not isinstance(tasks, list):
+        what = "missing" if tasks is None else f"{describe_type(tasks)}"
+        raise BadRequest(f'"tasks" must be a list of task objects, not {what}', "tasks")
+    if len(tasks) > parts.settings.max_predict_tasks:
+        raise BadRequest(
+            f'"tasks" holds {len(tasks)} tasks, over the limit of {parts.settings.max_predict_tasks} '
+            "(LS_RLHF_MAX_PREDICT_TASKS): send them in smaller batches",
+            "tasks",
             413,
         )
-
-    @app.errorhandler(NotFound)
-    def not_found(err: NotFound):
-        return error(f"no route {request.path}; the backend serves {ROUTES}", "path", 404)
-
-    @app.errorhandler(MethodNotAllowed)
-    def not_allowed(err: MethodNotAllowed):
-        allowed = sorted(set(err.valid_methods or ()) - {"HEAD", "OPTIONS"})
-        response, status = error(
-            f"{request.method} is not allowed on {request.path}; use {' or '.join(allowed)}",
-            "method",
-            405,
+    for i, task in enumerate(tasks):
+        if not isinstance(task, dict):
+            raise BadRequest(
+                f'"tasks[{i}]" is {describe_type(task)}; "tasks" must be a list of task '
+                'objects such as {"id": 1, "data": {...}}',
+                f"tasks[{i}]",
+            )
+        tid = task.get("id")
+        if tid is not None and (isinstance(tid, bool) or not isinstance(tid, (int, str))):
+            raise BadRequest(
+                f'"tasks[{i}].id" is {describe_type(tid)}; a task id is a number',
+                f"tasks[{i}].id",
+            )
+    label_config = payload.get("label_config")
+    if not isinstance(label_config, str) or not label_config.strip():
+        what = "missing" if label_config in (None, "") else f"{describe_type(label_config)}"
+        raise BadRequest(
+            f'"label_config" (the project\'s labeling config XML) is {what}; send it as text',
+            "label_config",
         )
-        response.headers["Allow"] = ", ".join(sorted(err.valid_methods or ()))
-        return response, status
-
-    @app.errorhandler(HTTPException)
-    def http_error(err: HTTPException):
-        return error(f"{err.name}: {err.description}", "request", err.code or 400)
-
-    @app.errorhandler(Exception)
-    def unexpected(err: Exception):
-        # ValueErrors and the rest that no handler above knows are the backend's own faults.
-        log.exception("%s %s failed", request.method, request.path)
-        if isinstance(err, RuntimeError) and holder.load_error and not holder.ready:
-            return error(
-                "the models failed to load; GET /health says why and the backend's log has "
-                "the details",
-                "models",
-                503,
-            )
-        return error(
-            f"the backend failed on this request ({type(err).__name__}); its log has the "
-            "details: please report it",
-            "backend",
-            500,
+    params = payload.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise BadRequest(f'"params" is {describe_type(params)}, not an object', "params")
+    context = (params or {}).get("context")
+    if context is not None and not isinstance(context, dict):
+        raise BadRequest(
+            f'"params.context" is {describe_type(context)}, not an object', "params.context"
         )
+    project = payload.get("project")
+    if project is not None:
+        parse_project_id(project)  # EventError names the field
+    results = parts.backend.predict(tasks, label_config, context=context, project=project)
+    version = (
+        results[0]["model_version"] if results else parts.holder.get(timeout=0.1).model_version
+    )
+    return jsonify(results=results, model_version=version)
 
-    @app.get("/")
-    @app.get("/health")
-    def health():
-        state = "loaded" if holder.ready else ("failed" if holder.load_error else "loading")
-        body: dict[str, Any] = {"status": "UP", "model_class": "RLHFBackend", "models": state}
-        if holder.ready:
-            body["model_version"] = holder.get().model_version
-        if holder.load_error:
-            body["error"] = scrub(holder.load_error)
-        problems = holder.problems()
-        if problems:
-            # A damaged registry: still serving (the last good versions), but say what is wrong.
-            body["registry"] = problems
-        return jsonify(body)
 
-    @app.post("/setup")
-    def setup():
-        return jsonify(backend.setup(_json_object()))
-
-    @app.post("/predict")
-    def predict():
-        payload = _json_object()
-        tasks = payload.get("tasks")
-        if not isinstance(tasks, list):
-            what = "missing" if tasks is None else f"{describe_type(tasks)}"
-            raise BadRequest(f'"tasks" must be a list of task objects, not {what}', "tasks")
-        if len(tasks) > settings.max_predict_tasks:
-            raise BadRequest(
-                f'"tasks" holds {len(tasks)} tasks, over the limit of {settings.max_predict_tasks} '
-                "(LS_RLHF_MAX_PREDICT_TASKS): send them in smaller batches",
-                "tasks",
-                413,
-            )
-        for i, task in enumerate(tasks):
-            if not isinstance(task, dict):
-                raise BadRequest(
-                    f'"tasks[{i}]" is {describe_type(task)}; "tasks" must be a list of task '
-                    'objects such as {"id": 1, "data": {...}}',
-                    f"tasks[{i}]",
-                )
-            tid = task.get("id")
-            if tid is not None and (isinstance(tid, bool) or not isinstance(tid, (int, str))):
-                raise BadRequest(
-                    f'"tasks[{i}].id" is {describe_type(tid)}; a task id is a number',
-                    f"tasks[{i}].id",
-                )
-        label_config = payload.get("label_config")
-        if not isinstance(label_config, str) or not label_config.strip():
-            what = "missing" if label_config in (None, "") else f"{describe_type(label_config)}"
-            raise BadRequest(
-                f'"label_config" (the project\'s labeling config XML) is {what}; send it as text',
-                "label_config",
-            )
-        params = payload.get("params")
-        if params is not None and not isinstance(params, dict):
-            raise BadRequest(f'"params" is {describe_type(params)}, not an object', "params")
-        context = (params or {}).get("context")
-        if context is not None and not isinstance(context, dict):
-            raise BadRequest(
-                f'"params.context" is {describe_type(context)}, not an object', "params.context"
-            )
-        project = payload.get("project")
-        if project is not None:
-            parse_project_id(project)  # EventError names the field
-        results = backend.predict(tasks, label_config, context=context, project=project)
-        version = results[0]["model_version"] if results else holder.get(timeout=0.1).model_version
-        return jsonify(results=results, model_version=version)
-
-    @app.post("/webhook")
-    def webhook():
-        payload = _json_object()
-        action = payload.get("action")
-        if not isinstance(action, str):
-            what = "missing" if action is None else f"{describe_type(action)}, not text"
-            raise BadRequest(
-                f'"action" is {what}: a webhook body needs an "action" such as '
-                '"ANNOTATION_CREATED" or "START_TRAINING"',
-                "action",
-            )
-        return jsonify(backend.fit(action, payload)), 201
-
-    @app.post("/train")
-    def train_legacy():
-        """Label Studio's legacy training call: recorded like the "Start Training" button."""
-        payload = _json_object()
-        parse_project_id(payload.get("project"))
-        recorded = backend.fit("START_TRAINING", {"project": payload.get("project")})
-        return jsonify(job=recorded.get("job"), event=recorded["event_id"]), 201
-
-    @app.route("/versions", methods=["GET", "POST"])
-    def versions():
-        payload = _json_object(empty_ok=True) if request.method == "POST" else {}
-        raw_project = payload.get("project", request.args.get("project"))
-        project = None if raw_project is None else parse_project_id(raw_project)
-        registry = holder.registry_for(project)  # that project's lineage (root without one)
-        if payload.get("kind") is not None or payload.get("version") is not None:
-            kind, version = payload.get("kind"), payload.get("version")
-            if kind not in ("policy", "reward"):
-                raise BadRequest(
-                    f'"kind" must be "reward" or "policy", not {describe_type(kind)} '
-                    f"{str(kind)[:40]}",
-                    "kind",
-                )
-            if not isinstance(version, str) or not version.strip():
-                raise BadRequest(
-                    '"version" must name a version, e.g. "v2" (`ls-rlhf versions list`), not '
-                    f"{describe_type(version)}",
-                    "version",
-                )
-            promoted = registry.promote(kind, version)
-            holder.refresh_soon()
-            log.info("promoted %s through /versions", promoted.label)
-        served = holder.model_version_for(project) if holder.ready else None
-        listing = {
-            kind: [v.label for v in registry.versions(kind)] for kind in ("policy", "reward")
-        }
-        current = {
-            kind: (v.label if (v := registry.current(kind)) else None)
-            for kind in ("policy", "reward")
-        }
-        names = [served] if served else []
-        return jsonify(
-            versions=names + listing["reward"] + listing["policy"],
-            current=current,
-            served=served,
-            all=listing,
+@api.post("/webhook")
+def webhook():
+    backend = _parts().backend
+    payload = _json_object()
+    action = payload.get("action")
+    if not isinstance(action, str):
+        what = "missing" if action is None else f"{describe_type(action)}, not text"
+        raise BadRequest(
+            f'"action" is {what}: a webhook body needs an "action" such as '
+            '"ANNOTATION_CREATED" or "START_TRAINING"',
+            "action",
         )
+    return jsonify(backend.fit(action, payload)), 201
 
-    @app.get("/jobs")
-    def jobs():
-        raw = request.args.get("project")
-        project = None
-        if raw is not None:
-            try:
-                project = parse_project_id(raw)
-            except EventError:
-                raise BadRequest(
-                    f"?project= must be a project id (a positive integer), not {raw[:40]!r}",
-                    "project",
-                ) from None
-        return jsonify(jobs=[job.as_dict() for job in scheduler.store.jobs(project)])
 
-    @app.get("/jobs/<job_id>")
-    def job(job_id: str):
-        found = None
-        if job_id.isascii() and job_id.isdigit() and 0 < int(job_id) <= MAX_ID:
-            found = scheduler.store.get(int(job_id))
-        if found is None:
-            raise BadRequest(f"no job {job_id[:40]}; GET /jobs lists them", "job_id", 404)
-        return jsonify(found.as_dict())
+@api.post("/train")
+def train_legacy():
+    """Label Studio's legacy training call: recorded like the "Start Training" button."""
+    backend = _parts().backend
+    payload = _json_object()
+    parse_project_id(payload.get("project"))
+    recorded = backend.fit("START_TRAINING", {"project": payload.get("project")})
+    return jsonify(job=recorded.get("job"), event=recorded["event_id"]), 201
 
-    @app.get("/predictions/progress")
-    def prediction_progress():
-        return jsonify(jobs=[job.as_dict() for job in backend.deliveries.values()])
 
-    @app.get("/metrics")
-    def metrics():
-        lines = [
-            "# HELP ls_rlhf_up 1 when the models are loaded.",
-            "# TYPE ls_rlhf_up gauge",
-            f"ls_rlhf_up {1 if holder.ready else 0}",
-            f"ls_rlhf_uptime_seconds {time.time() - started_at:.1f}",
-        ]
-        for name, value in backend.stats.items():
-            kind = "counter"
-            lines += [f"# TYPE ls_rlhf_{name}_total {kind}", f"ls_rlhf_{name}_total {value}"]
-        lines.append(f"ls_rlhf_events_recorded_total {events.last_id()}")
-        running = sum(1 for job in backend.deliveries.values() if job.state == "running")
-        lines.append(f"ls_rlhf_prediction_deliveries_running {running}")
-        if holder.ready:
-            lines.append(f'ls_rlhf_model_info{{model_version="{holder.get().model_version}"}} 1')
-        # The headline figures of the latest `ls-rlhf report` of each project.
-        lines += metric_lines(settings.state_dir / REPORTS_DIR)
-        return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")
+@api.route("/versions", methods=["GET", "POST"])
+def versions():
+    holder = _parts().holder
+    payload = _json_object(empty_ok=True) if request.method == "POST" else {}
+    raw_project = payload.get("project", request.args.get("project"))
+    project = None if raw_project is None else parse_project_id(raw_project)
+    registry = holder.registry_for(project)  # that project's lineage (root without one)
+    if payload.get("kind") is not None or payload.get("version") is not None:
+        kind, version = payload.get("kind"), payload.get("version")
+        if kind not in ("policy", "reward"):
+            raise BadRequest(
+                f'"kind" must be "reward" or "policy", not {describe_type(kind)} {str(kind)[:40]}',
+                "kind",
+            )
+        if not isinstance(version, str) or not version.strip():
+            raise BadRequest(
+                '"version" must name a version, e.g. "v2" (`ls-rlhf versions list`), not '
+                f"{describe_type(version)}",
+                "version",
+            )
+        promoted = registry.promote(kind, version)
+        holder.refresh_soon()
+        log.info("promoted %s through /versions", promoted.label)
+    served = holder.model_version_for(project) if holder.ready else None
+    listing = {kind: [v.label for v in registry.versions(kind)] for kind in ("policy", "reward")}
+    current = {
+        kind: (v.label if (v := registry.current(kind)) else None) for kind in ("policy", "reward")
+    }
+    names = [served] if served else []
+    return jsonify(
+        versions=names + listing["reward"] + listing["policy"],
+        current=current,
+        served=served,
+        all=listing,
+    )
 
-    return app
+
+@api.get("/jobs")
+def jobs():
+    scheduler = _parts().scheduler
+    raw = request.args.get("project")
+    project = None
+    if raw is not None:
+        try:
+            project = parse_project_id(raw)
+        except EventError:
+            raise BadRequest(
+                f"?project= must be a project id (a positive integer), not {raw[:40]!r}",
+                "project",
+            ) from None
+    return jsonify(jobs=[job.as_dict() for job in scheduler.store.jobs(project)])
+
+
+@api.get("/jobs/<job_id>")
+def job(job_id: str):
+    scheduler = _parts().scheduler
+    found = None
+    if job_id.isascii() and job_id.isdigit() and 0 < int(job_id) <= MAX_ID:
+        found = scheduler.store.get(int(job_id))
+    if found is None:
+        raise BadRequest(f"no job {job_id[:40]}; GET /jobs lists them", "job_id", 404)
+    return jsonify(found.as_dict())
+
+
+@api.get("/predictions/progress")
+def prediction_progress():
+    backend = _parts().backend
+    return jsonify(jobs=[job.as_dict() for job in backend.deliveries.values()])
+
+
+@api.get("/metrics")
+def metrics():
+    parts = _parts()
+    lines = [
+        "# HELP ls_rlhf_up 1 when the models are loaded.",
+        "# TYPE ls_rlhf_up gauge",
+        f"ls_rlhf_up {1 if parts.holder.ready else 0}",
+        f"ls_rlhf_uptime_seconds {time.time() - parts.started_at:.1f}",
+    ]
+    for name, value in parts.backend.stats.items():
+        kind = "counter"
+        lines += [f"# TYPE ls_rlhf_{name}_total {kind}", f"ls_rlhf_{name}_total {value}"]
+    lines.append(f"ls_rlhf_events_recorded_total {parts.events.last_id()}")
+    running = sum(1 for job in parts.backend.deliveries.values() if job.state == "running")
+    lines.append(f"ls_rlhf_prediction_deliveries_running {running}")
+    if parts.holder.ready:
+        lines.append(f'ls_rlhf_model_info{{model_version="{parts.holder.get().model_version}"}} 1')
+    # The headline figures of the latest `ls-rlhf report` of each project.
+    lines += metric_lines(parts.settings.state_dir / REPORTS_DIR)
+    return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")
 
 
 def _json_object(empty_ok: bool = False) -> dict[str, Any]:
