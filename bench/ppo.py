@@ -50,6 +50,7 @@ def prepare_reward(folder: Path, epochs: float, lr: float) -> None:
     train_records, _ = finegrained_split(load_finegrained(DATA))
     split = split_by_prompt(preference_pairs(train_records, "ranking"), 0.1)
     config = RewardTrainingConfig(
+        method="finetune",
         num_train_epochs=epochs,
         learning_rate=lr,
         max_length=256,

@@ -44,6 +44,9 @@ from training.reward import (
 
 PRESETS = {
     "default": RewardTrainingConfig(),
+    "probe": RewardTrainingConfig(method="probe"),
+    "finetune": RewardTrainingConfig(method="finetune"),
+    "auto": RewardTrainingConfig(method="auto"),
     "previous": RewardTrainingConfig(
         learning_rate=5e-5,
         num_train_epochs=2,
@@ -94,6 +97,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="default")
     parser.add_argument("--presets", default="default,previous", help="comma-separated presets")
+    parser.add_argument(
+        "--method", choices=("auto", "probe", "finetune"), help="override the presets' method"
+    )
     parser.add_argument("--lr", type=float, help="override the presets' learning rate")
     parser.add_argument("--epochs", type=float, help="override the presets' most epochs")
     parser.add_argument("--batch-size", type=int, help="override: questions per step")
@@ -141,6 +147,7 @@ def main() -> None:
         return
     print(f"longer answer wins: {longer_answer_accuracy(test):.3f}")
     overrides = {
+        "method": args.method,
         "learning_rate": args.lr,
         "num_train_epochs": args.epochs,
         "per_device_train_batch_size": args.batch_size,
@@ -162,7 +169,7 @@ def main() -> None:
             wall = time.perf_counter() - started
         m = result.metrics
         print(
-            f"{name}: lr {config.learning_rate:g}, at most {config.num_train_epochs:g} epochs, batch "
+            f"{name}: method {m['method']} {m.get('auto', '')}, lr {config.learning_rate:g}, at most {config.num_train_epochs:g} epochs, batch "
             f"{config.per_device_train_batch_size}, max_length {config.max_length}, "
             f"validation {config.validation_fraction:g}, {m['precision']}"
         )
@@ -171,7 +178,7 @@ def main() -> None:
         )
         print(
             f"  training: {m['steps']} steps ({m['epochs']:.2f} epochs, best at step {m['best_step']}, "
-            f"stopped early: {m['stopped_early']}), {m['seconds']:.0f} s, {m['pairs_per_second']:.1f} pairs/s; "
+            f"stopped early: {m['stopped_early']}, probe layer {m.get('probe_layer')} l2 {m.get('probe_l2')}), {m['seconds']:.0f} s, {m['pairs_per_second']:.1f} pairs/s; "
             f"wall time with evaluation {wall / 60:.1f} min; peak memory {peak_memory_gb():.2f} GB"
         )
 

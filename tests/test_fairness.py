@@ -121,6 +121,7 @@ def test_penalty_shrinks_a_planted_gender_bias_and_keeps_accuracy(
     # Four full epochs in float32: no validation split or early stopping (they would stop
     # on a handful of validation pairs and make the planted bias depend on where).
     config = RewardTrainingConfig(
+        method="finetune",
         learning_rate=1e-3,
         num_train_epochs=4,
         max_length=64,

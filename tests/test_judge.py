@@ -124,7 +124,9 @@ def test_build_judge_trains_once_through_train_reward(
 ):
     data = tmp_path / "small.json"
     data.write_text(json.dumps(load_finegrained(finegrained_path)[:10]))
-    config = RewardTrainingConfig(max_steps=2, validation_fraction=0.0, promote="always", seed=1)
+    config = RewardTrainingConfig(
+        method="finetune", max_steps=2, validation_fraction=0.0, promote="always", seed=1
+    )
     folder = build_judge(
         tmp_path / "judge", str(tiny_reward_backbone_dir), config, data, train_questions=8
     )

@@ -63,7 +63,11 @@ def test_scores_are_batch_invariant_and_in_order(tiny_reward_backbone_dir):
 def test_training_learns_a_preference_and_writes_a_version(tmp_path, tiny_reward_backbone_dir):
     registry = Registry(tmp_path / "registry")
     config = RewardTrainingConfig(
-        learning_rate=1e-3, num_train_epochs=4, per_device_train_batch_size=16, max_length=64
+        method="finetune",
+        learning_rate=1e-3,
+        num_train_epochs=4,
+        per_device_train_batch_size=16,
+        max_length=64,
     )
     result = train_reward(
         synthetic_pairs(160, 0),
@@ -98,7 +102,9 @@ def test_training_learns_a_preference_and_writes_a_version(tmp_path, tiny_reward
 
 def test_a_worse_model_is_not_promoted_unless_asked(tmp_path, tiny_reward_backbone_dir):
     registry = Registry(tmp_path / "registry")
-    good = RewardTrainingConfig(learning_rate=1e-3, num_train_epochs=4, max_length=64)
+    good = RewardTrainingConfig(
+        method="finetune", learning_rate=1e-3, num_train_epochs=4, max_length=64
+    )
     train_reward(
         synthetic_pairs(160, 0),
         synthetic_pairs(40, 1),
@@ -117,14 +123,18 @@ def test_a_worse_model_is_not_promoted_unless_asked(tmp_path, tiny_reward_backbo
         synthetic_pairs(40, 1),
         registry,
         str(tiny_reward_backbone_dir),
-        RewardTrainingConfig(learning_rate=1e-3, max_steps=2, max_length=64, promote="always"),
+        RewardTrainingConfig(
+            method="finetune", learning_rate=1e-3, max_steps=2, max_length=64, promote="always"
+        ),
     )
     assert forced.promoted and registry.current("reward").name == "v3"
 
 
 def test_warm_start_continues_from_the_current_version(tmp_path, tiny_reward_backbone_dir):
     registry = Registry(tmp_path / "registry")
-    config = RewardTrainingConfig(learning_rate=1e-3, num_train_epochs=4, max_length=64)
+    config = RewardTrainingConfig(
+        method="finetune", learning_rate=1e-3, num_train_epochs=4, max_length=64
+    )
     first = train_reward(
         synthetic_pairs(160, 0),
         synthetic_pairs(40, 1),
@@ -132,7 +142,9 @@ def test_warm_start_continues_from_the_current_version(tmp_path, tiny_reward_bac
         str(tiny_reward_backbone_dir),
         config,
     )
-    warm = RewardTrainingConfig(learning_rate=1e-5, max_steps=1, max_length=64, warm_start=True)
+    warm = RewardTrainingConfig(
+        method="finetune", learning_rate=1e-5, max_steps=1, max_length=64, warm_start=True
+    )
     second = train_reward(
         synthetic_pairs(16, 3),
         synthetic_pairs(40, 1),
@@ -154,7 +166,9 @@ def test_extra_loss_hook_enters_the_training_loss(tmp_path, tiny_reward_backbone
         return 0.0 * model.classifier.weight.sum() + 5.0
 
     registry = Registry(tmp_path / "registry")
-    config = RewardTrainingConfig(learning_rate=1e-3, max_steps=3, max_length=64, logging_steps=1)
+    config = RewardTrainingConfig(
+        method="finetune", learning_rate=1e-3, max_steps=3, max_length=64, logging_steps=1
+    )
     backbone = str(tiny_reward_backbone_dir)
     plain = train_reward(synthetic_pairs(48, 0), synthetic_pairs(16, 1), registry, backbone, config)
     penalized = train_reward(
@@ -183,7 +197,11 @@ def test_a_time_budget_stops_training_early_but_still_writes_a_version(
 ):
     # A budget shorter than one step: training stops after the first step, not after 20.
     config = RewardTrainingConfig(
-        max_steps=20, per_device_train_batch_size=4, max_length=32, max_minutes=1e-6
+        method="finetune",
+        max_steps=20,
+        per_device_train_batch_size=4,
+        max_length=32,
+        max_minutes=1e-6,
     )
     result = train_reward(
         synthetic_pairs(80, 0),
@@ -238,7 +256,11 @@ def test_a_decoder_with_a_score_head_trains_as_a_reward_model(tmp_path, tiny_pol
     # A causal LM folder (GPT-2 with a chat template) gets a fresh score head on the last
     # real token; right padding must not move that token, so batched scores match single ones.
     config = RewardTrainingConfig(
-        learning_rate=1e-3, num_train_epochs=4, per_device_train_batch_size=16, max_length=64
+        method="finetune",
+        learning_rate=1e-3,
+        num_train_epochs=4,
+        per_device_train_batch_size=16,
+        max_length=64,
     )
     result = train_reward(
         synthetic_pairs(160, 0),
@@ -270,7 +292,7 @@ def test_a_warm_start_trains_on_every_new_pair_and_a_replay_of_old_ones(
         synthetic_pairs(10, 1),
         Registry(tmp_path),
         str(tiny_reward_backbone_dir),
-        RewardTrainingConfig(max_steps=2, max_length=64),
+        RewardTrainingConfig(method="finetune", max_steps=2, max_length=64),
     )
     seen = trained_pairs(result.version.path)
     assert seen == {
@@ -308,7 +330,9 @@ def test_partial_fine_tuning_trains_only_the_top_layers_and_the_head(
         synthetic_pairs(10, 1),
         Registry(tmp_path),
         str(tiny_reward_backbone_dir),
-        RewardTrainingConfig(max_steps=3, max_length=64, learning_rate=1e-3, train_top_layers=1),
+        RewardTrainingConfig(
+            method="finetune", max_steps=3, max_length=64, learning_rate=1e-3, train_top_layers=1
+        ),
     )
     trained, _ = load_sequence_classifier(str(result.version.path))
     moved = {n for n, p in trained.named_parameters() if not torch.equal(p, before[n])}
@@ -324,7 +348,7 @@ def test_no_held_out_pairs_still_trains_a_version_marked_unjudged(
         empty,
         Registry(tmp_path),
         str(tiny_reward_backbone_dir),
-        RewardTrainingConfig(max_steps=2, max_length=64),
+        RewardTrainingConfig(method="finetune", max_steps=2, max_length=64),
     )
     metadata = json.loads((result.version.path / "metadata.json").read_text())
     assert result.evaluation is None and metadata["evaluation"] is None
@@ -369,30 +393,53 @@ def test_a_linear_probe_learns_a_preference_and_scores_as_it_was_fitted(
     assert abs(sum(scores) / len(scores)) < 0.2 * (max(scores) - min(scores))
 
 
-def test_a_probe_warm_start_keeps_its_layer_and_learns_new_pairs(
+def test_a_probe_warm_start_keeps_its_layer_and_reads_only_new_answers(
     tmp_path, tiny_reward_backbone_dir
 ):
+    from datasets import concatenate_datasets
+
     registry = Registry(tmp_path / "registry")
     config = RewardTrainingConfig(method="probe", max_length=64, dtype="float32")
+    old, new = synthetic_pairs(60, 0), synthetic_pairs(100, 3)
     first = train_reward(
-        synthetic_pairs(60, 0),
-        synthetic_pairs(40, 1),
-        registry,
-        str(tiny_reward_backbone_dir),
-        config,
+        old, synthetic_pairs(40, 1), registry, str(tiny_reward_backbone_dir), config
     )
-    warm = RewardTrainingConfig(method="probe", max_length=64, dtype="float32", warm_start=True)
+    warm = RewardTrainingConfig(method="auto", max_length=64, dtype="float32", warm_start=True)
     second = train_reward(
-        synthetic_pairs(160, 3),
+        concatenate_datasets([old, new]),
         synthetic_pairs(40, 1),
         registry,
         str(tiny_reward_backbone_dir),
         warm,
     )
+    assert second.metrics["method"] == "probe"  # auto continues the parent's method
     assert second.metrics["probe_layer"] == first.metrics["probe_layer"]
+    seen = {
+        (p, a)
+        for p, c, r in zip(old["prompt"], old["chosen"], old["rejected"], strict=True)
+        for a in (c, r)
+    }
+    fresh = {
+        (p, a)
+        for p, c, r in zip(new["prompt"], new["chosen"], new["rejected"], strict=True)
+        for a in (c, r)
+    } - seen
+    assert second.metrics["answers_read"] == len(fresh)
     metadata = json.loads((second.version.path / "metadata.json").read_text())
     assert metadata["started_from"] == "current version" and metadata["parent"] == "v1"
     assert second.metrics["current_accuracy"] == pytest.approx(first.metrics["accuracy_after"])
+    # Reused features are the ones a fresh read gives: the warm fit scores like a cold one.
+    cold = train_reward(
+        concatenate_datasets([old, new]),
+        synthetic_pairs(40, 1),
+        Registry(tmp_path / "cold"),
+        str(tiny_reward_backbone_dir),
+        RewardTrainingConfig(method="probe", max_length=64, dtype="float32"),
+    )
+    if cold.metrics["probe_layer"] == second.metrics["probe_layer"]:
+        assert cold.metrics["accuracy_after"] == pytest.approx(
+            second.metrics["accuracy_after"], abs=0.03
+        )
 
 
 def test_the_counterfactual_penalty_needs_fine_tuning(tmp_path, tiny_reward_backbone_dir):

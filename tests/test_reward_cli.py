@@ -25,7 +25,18 @@ def test_train_reward_on_a_saved_dataset_writes_and_promotes_a_version(env, tmp_
     synthetic_pairs(40, seed=3).save_to_disk(str(dataset_dir))
 
     code = cli(
-        ["train", "reward", "--dataset", str(dataset_dir), "--max-steps", "4", "--batch-size", "8"]
+        [
+            "train",
+            "reward",
+            "--dataset",
+            str(dataset_dir),
+            "--method",
+            "finetune",
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "8",
+        ]
     )
 
     out = capsys.readouterr().out

@@ -62,6 +62,7 @@ JUDGE_FILE = "judge.json"
 DEFAULT_JUDGE_NAME = "finegrained-minilm-seed1"
 # Another seed and configuration than the loop's proxy (see the module docstring).
 JUDGE_CONFIG = RewardTrainingConfig(
+    method="finetune",
     learning_rate=1e-4,
     num_train_epochs=1.0,
     validation_fraction=0.0,

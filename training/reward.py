@@ -61,8 +61,10 @@ from training.reward_model import (
 )
 from training.reward_model import trained_pairs as trained_pairs  # imported from here too
 from training.reward_probe import (
+    FeatureCache,
     JudgedPairs,
     LinearProbe,
+    answer_key,
     answer_token_counts,
     candidate_layers,
     fit_probe,
@@ -80,11 +82,13 @@ METHODS = ("auto", "probe", "finetune")
 @dataclass
 class RewardTrainingConfig:
     method: str = field(
-        default="finetune",
+        default="auto",
         metadata={
             "help": "probe: a linear Bradley-Terry model on the frozen backbone's features "
             "(training/reward_probe.py; each answer read once, no backward pass); finetune: "
-            "train the backbone and a score head with TRL's RewardTrainer."
+            "train the backbone and a score head with TRL's RewardTrainer; auto: both, and "
+            "the one with the lower validation loss is kept (a warm start continues its "
+            "parent's method)."
         },
     )
     learning_rate: float = field(
@@ -429,25 +433,29 @@ def train_reward(
     config = config or RewardTrainingConfig()
     if len(train) == 0:
         raise ValueError("no preference pairs to train on: annotate comparisons or rankings first")
-    if extra_loss is not None and config.method == "probe":
+    current = registry.current("reward")
+    method = config.method
+    if method == "auto" and config.warm_start and current is not None:
+        # A warm start continues its parent's method: the loop's retrains stay cheap.
+        method = "probe" if is_probe(current.path) else "finetune"
+    if method == "auto" and extra_loss is not None:
+        method = "finetune"  # the counterfactual penalty is a loss term on the backbone
+    if extra_loss is not None and method != "finetune":
         raise ValueError(
             "the counterfactual penalty trains the backbone, a linear probe does not: "
             "use method finetune (--method finetune) with it"
         )
-    current = registry.current("reward")
     # A probe cross-validates over every training pair; fine-tuning stops on a validation
     # split, and `auto` compares the two methods on that split.
-    fit, validation = (
-        (train, None) if config.method == "probe" else _validation_split(train, config)
-    )
+    fit, validation = (train, None) if method == "probe" else _validation_split(train, config)
     with registry.stage("reward") as staged:
-        if config.method == "finetune":
+        if method == "finetune":
             fitted = _fine_tune(
                 fit, validation, eval, staged, backbone, current, config, extra_loss, progress
             )
         else:
             fitted = _probe_or_fine_tune(
-                fit, validation, eval, staged, backbone, current, config, progress
+                fit, validation, eval, staged, backbone, current, config, method, progress
             )
         # What this version learned from, so a warm start can tell new annotations from old.
         (staged / TRAINED_PAIRS_FILE).write_text(
@@ -610,6 +618,7 @@ class _Probed:
     started_from: str
     dtype: str
     seconds: float
+    read: int = 0  # answers the backbone read (a warm start reuses its parent's features)
 
     def pairs(self, dataset: Dataset, use_margin: bool) -> JudgedPairs:
         margins = (
@@ -646,10 +655,15 @@ class _Probed:
         refitted.selection = {**selection, "refitted_on_pairs": len(joined)}
         self.probe = refitted
 
-    def save(self, staged: Path) -> None:
+    def save(self, staged: Path, max_length: int) -> None:
         self.model.float().save_pretrained(staged)  # scoring casts to its own precision
         self.tokenizer.save_pretrained(staged)
         self.probe.save(staged)
+        layer = self.layers.index(self.probe.layer)
+        keys = [answer_key(p, a) for p, a in self.answers]
+        FeatureCache(dict(zip(keys, range(len(keys)), strict=True)), self.features[layer]).save(
+            staged, max_length
+        )
 
     def metrics(self, fit_pairs: int) -> dict[str, Any]:
         return {
@@ -660,7 +674,7 @@ class _Probed:
             "probe_layer": self.probe.layer,
             "probe_l2": self.probe.selection["l2"],
             "probe_cross_validation_loss": self.probe.selection["cross_validation_loss"],
-            "answers_read": len(self.answers),
+            "answers_read": self.read,
             "seconds": round(self.seconds, 2),
             "pairs_per_second": round(fit_pairs / max(self.seconds, 1e-9), 2),
             "precision": self.dtype,
@@ -693,9 +707,18 @@ def _fit_linear_probe(
         ):
             answers.setdefault((prompt, chosen), len(answers))
             answers.setdefault((prompt, rejected), len(answers))
-    encoded = [format_reward_input(tokenizer, p, a, config.max_length) for p, a in answers]
-    last = answer_token_counts(tokenizer, [a for _, a in answers], encoded)
-    features = pooled_features(model, tokenizer, encoded, layers, last, desc="reading answers")
+    keys = [answer_key(p, a) for p, a in answers]
+    cached = FeatureCache.load(Path(start_from), config.max_length) if warm else None
+    missing = [i for i, key in enumerate(keys) if cached is None or key not in cached.rows]
+    texts = list(answers)
+    encoded = [format_reward_input(tokenizer, *texts[i], config.max_length) for i in missing]
+    last = answer_token_counts(tokenizer, [texts[i][1] for i in missing], encoded)
+    read = pooled_features(model, tokenizer, encoded, layers, last, desc="reading answers")
+    features = torch.zeros((len(layers), len(keys), read.shape[-1]))
+    features[:, missing] = read
+    if cached is not None:  # a warm start reads only the answers its parent had not read
+        known = [i for i, key in enumerate(keys) if key in cached.rows]
+        features[0, known] = cached.features[[cached.rows[keys[i]] for i in known]]
     probed = _Probed(
         cast(LinearProbe, None),
         model,
@@ -711,6 +734,7 @@ def _fit_linear_probe(
         features, layers, probed.pairs(datasets[0], config.use_margin), layer=keep
     )
     probed.seconds = time.perf_counter() - started
+    probed.read = len(missing)
     return probed
 
 
@@ -722,6 +746,7 @@ def _probe_or_fine_tune(
     backbone: str,
     current: Version | None,
     config: RewardTrainingConfig,
+    method: str,
     progress: Callable[[float], None] | None,
 ) -> _Fitted:
     """`probe`: a linear probe. `auto`: a probe and a fine-tuned model, and the one with the
@@ -731,7 +756,7 @@ def _probe_or_fine_tune(
     sets = [fit] if validation is None else [fit, validation]
     probed = _fit_linear_probe(sets, backbone, current, config)
     comparison: dict[str, Any] = {}
-    if config.method == "auto" and validation is not None:
+    if method == "auto" and validation is not None:
         layer = probed.layers.index(probed.probe.layer)
         rewards = probed.probe(probed.features[layer])
         probe_loss, probe_accuracy = probe_figures(
@@ -758,7 +783,7 @@ def _probe_or_fine_tune(
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     if validation is not None:
         probed.refit([fit, validation], config.use_margin)
-    probed.save(staged)
+    probed.save(staged, config.max_length)
     metrics = probed.metrics(len(fit) + (len(validation) if validation is not None else 0))
     if comparison:
         metrics["auto"] = {**comparison, "chosen": "probe"}

@@ -36,6 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 PROBE_CONFIG = "reward_probe.json"
 PROBE_WEIGHTS = "reward_probe.safetensors"
+PROBE_FEATURES = "reward_probe_features.safetensors"
 # Regularization strengths tried (on standardized features: mean loss + l2 * |w|^2), chosen
 # by cross-validation. On FineGrainedRLHF's training questions 0.3-1 won (docs/benchmarks.md):
 # a few thousand pairs, hundreds of dimensions.
@@ -82,6 +83,42 @@ class LinearProbe:
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         return features.float() @ self.weight + self.bias
+
+
+def answer_key(prompt: str, answer: str) -> str:
+    return hashlib.sha256(json.dumps([prompt, answer]).encode()).hexdigest()[:16]
+
+
+@dataclass
+class FeatureCache:
+    """The pooled features of the answers a probe was fitted on, at its layer, kept in the
+    version folder: a warm start in the loop then reads only the new answers, so a retrain
+    on a thousand pairs costs the new annotations' forward passes and a refit."""
+
+    rows: dict[str, int]  # answer_key -> row of `features`
+    features: torch.Tensor  # [answers, hidden]
+
+    def save(self, folder: Path, max_length: int) -> None:
+        metadata = {"keys": json.dumps(list(self.rows)), "max_length": str(max_length)}
+        save_file(
+            {"features": self.features.float().contiguous()}, str(folder / PROBE_FEATURES), metadata
+        )
+
+    @classmethod
+    def load(cls, folder: Path, max_length: int) -> FeatureCache | None:
+        """None when there is none, or it was read with another token budget."""
+        from safetensors import safe_open
+
+        path = folder / PROBE_FEATURES
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("max_length") != str(max_length):
+                return None
+            features = handle.get_tensor("features")
+        keys = json.loads(metadata["keys"])
+        return cls({key: row for row, key in enumerate(keys)}, features)
 
 
 def answer_token_counts(

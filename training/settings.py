@@ -77,6 +77,14 @@ class Settings:
             "is delivered through Label Studio's API (its own timeout is 100 s)."
         },
     )
+    withhold_suggestion_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "Anchoring guard: share of tasks (0-1, drawn per task id) whose prediction "
+            "shows no suggestion, confidence or reward scores, so `ls-rlhf report` can compare "
+            "agreement with and without suggestions."
+        },
+    )
     export_attempts: int = field(
         default=4,
         metadata={
@@ -141,6 +149,15 @@ class Settings:
         default=0,
         metadata={
             "help": "Steps of a first reward training in the loop (0 = two epochs); later runs warm-start with at most 12."
+        },
+    )
+    reward_method: str = field(
+        default="auto",
+        metadata={
+            "help": "How a reward model is fitted: auto (a linear probe and fine-tuning, the "
+            "lower validation loss kept; warm starts continue their parent's method), probe "
+            "(a linear model on the frozen backbone's features: fast, no backward pass) or "
+            "finetune (the whole backbone, TRL's RewardTrainer)."
         },
     )
     reward_promote: str = field(
@@ -244,9 +261,19 @@ class Settings:
                 raise SettingsError(
                     f"{ENV_PREFIX}{name.upper()} must be at least 1, not {getattr(self, name)}"
                 )
+        if not 0 <= self.withhold_suggestion_share <= 1:
+            raise SettingsError(
+                f"{ENV_PREFIX}WITHHOLD_SUGGESTION_SHARE must be between 0 and 1, not "
+                f"{self.withhold_suggestion_share}"
+            )
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise SettingsError(
                 f"{ENV_PREFIX}DTYPE must be auto, float32 or bfloat16, not {self.dtype!r}"
+            )
+        if self.reward_method not in ("auto", "probe", "finetune"):
+            raise SettingsError(
+                f"{ENV_PREFIX}REWARD_METHOD must be auto, probe or finetune, "
+                f"not {self.reward_method!r}"
             )
         if self.reward_promote not in ("if_not_worse", "always", "never"):
             raise SettingsError(

@@ -34,6 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--test-fraction", type=float, help="share of prompts held out (default: a fifth)"
     )
+    parser.add_argument(
+        "--method",
+        choices=["auto", "probe", "finetune"],
+        help="probe: a linear model on the frozen backbone's features (fast); finetune: the "
+        "whole backbone; auto: both, the lower validation loss kept (default: "
+        "LS_RLHF_REWARD_METHOD, auto)",
+    )
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--epochs", type=float, help="passes over the pairs")
     parser.add_argument("--max-steps", type=int, help="exact number of steps (overrides --epochs)")
@@ -111,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     }
     try:
         config = RewardTrainingConfig(
+            method=args.method or settings.reward_method,
             promote=args.promote,
             warm_start=args.warm_start,
             seed=settings.seed,
@@ -185,14 +193,13 @@ def run(args: argparse.Namespace) -> int:
     )
     m = result.metrics
     current = "none" if m["current_accuracy"] is None else f"{m['current_accuracy']:.3f}"
-    stop = f", best at step {m['best_step']}" if m["best_step"] else ""
     print(
         f"{result.version.label}: held-out {result.evaluation.summary() if result.evaluation else 'no held-out pairs'}\n"
-        f"  untrained {m['accuracy_before']:.3f}, current version {current}; {m['steps']} steps "
-        f"({m['epochs']:.2f} epochs{stop}) in {m['seconds']:.0f} s, {m['precision']}; "
-        f"{'promoted' if result.promoted else 'not promoted'}\n"
-        f"curves: {result.version.path / 'training_curves.png'}"
+        f"  {describe_fit(m)}; current version {current}; "
+        f"{'promoted' if result.promoted else 'not promoted'}"
     )
+    if (result.version.path / "training_curves.png").is_file():
+        print(f"curves: {result.version.path / 'training_curves.png'}")
     recorded = result.version.metadata.get("fairness", {})
     for side in ("in_sample", "held_out"):
         cells = [
@@ -203,3 +210,29 @@ def run(args: argparse.Namespace) -> int:
             label = side.replace("_", "-")
             print(f"  counterfactual gap {label} (average/worst): {', '.join(cells)}")
     return 0
+
+
+def describe_fit(m: dict) -> str:
+    """One line on how a version was fitted, from its metrics."""
+    chosen = ""
+    if "auto" in m:
+        a = m["auto"]
+        chosen = (
+            f"auto chose {a['chosen']} (validation loss: probe {_loss(a['probe_validation_loss'])}, "
+            f"fine-tuning {_loss(a['finetune_validation_loss'])}); "
+        )
+    if m.get("method") == "probe":
+        return (
+            f"{chosen}linear probe on layer {m['probe_layer']} (l2 {m['probe_l2']:g}, "
+            f"cross-validated), {m['answers_read']} answers read in {m['seconds']:.0f} s, "
+            f"{m['precision']}"
+        )
+    stop = f", best at step {m['best_step']}" if m.get("best_step") else ""
+    return (
+        f"{chosen}fine-tuned: untrained {m['accuracy_before']:.3f}; {m['steps']} steps "
+        f"({m['epochs']:.2f} epochs{stop}) in {m['seconds']:.0f} s, {m['precision']}"
+    )
+
+
+def _loss(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4f}"
