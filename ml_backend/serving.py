@@ -49,7 +49,7 @@ class Served:
     policy: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     policy_version: Version | None
-    reward: Any | None  # training.reward.RewardModel, once one is trained
+    reward: Any | None  # training.reward_model.RewardModel, once one is trained
     reward_version: Version | None
     loaded_at: float
 
@@ -229,7 +229,7 @@ class ModelHolder:
     def _load_reward(self, version: Version | None) -> Any | None:
         if version is None:
             return None
-        from training.reward import RewardModel
+        from training.reward_model import RewardModel
 
         started = time.perf_counter()
         model = RewardModel.load(version.path)

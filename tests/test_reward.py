@@ -477,3 +477,15 @@ def test_auto_keeps_the_method_with_the_lower_validation_loss(tmp_path, tiny_rew
     assert pairwise_accuracy(served, synthetic_pairs(40, 1)) == pytest.approx(
         result.metrics["accuracy_after"]
     )
+
+
+def test_scoring_and_serving_do_not_import_trl():
+    # Serving scores with a reward model; TRL (and its import time) belongs to training.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ml_backend.serving, training.reward_model; "
+        "sys.exit('trl' in sys.modules or 'training.reward' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

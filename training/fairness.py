@@ -190,7 +190,7 @@ class CounterfactualPenalty:
         return batch
 
     def __call__(self, model: torch.nn.Module) -> torch.Tensor:
-        from training.reward import format_reward_input
+        from training.reward_model import format_reward_input
 
         batch = self.sample()
         encoded = [format_reward_input(self.tokenizer, p, t, self.max_length) for p, t, _ in batch]

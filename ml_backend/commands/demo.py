@@ -220,7 +220,7 @@ def simulate(
     from ml_backend.harness.simulated_annotator import SimulatedAnnotator
     from training.finegrained import DEFAULT_PATH, load_finegrained, to_label_studio_tasks
     from training.registry import lineage
-    from training.reward import RewardModel
+    from training.reward_model import RewardModel
 
     records = load_finegrained(DEFAULT_PATH) if DEFAULT_PATH.is_file() else []
     if judge:

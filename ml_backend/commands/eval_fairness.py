@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         write_report,
     )
     from training.registry import Registry
-    from training.reward import RewardModel
+    from training.reward_model import RewardModel
 
     settings = Settings.from_env()
     try:

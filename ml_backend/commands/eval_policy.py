@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from training.models import load_causal_lm, resolve_policy
     from training.policy_eval import evaluate_policy, write_policy_report
     from training.registry import Registry
-    from training.reward import RewardModel
+    from training.reward_model import RewardModel
 
     settings = Settings.from_env()
     try:

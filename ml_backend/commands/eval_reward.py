@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from training.registry import Registry
-    from training.reward import RewardModel
+    from training.reward_model import RewardModel
     from training.reward_eval import evaluate_reward
 
     settings = Settings.from_env()

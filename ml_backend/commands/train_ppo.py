@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from training.models import resolve_policy
     from training.ppo import PPOConfig, RewardFn, train_policy_version
     from training.registry import lineage
-    from training.reward import RewardModel
+    from training.reward_model import RewardModel
 
     settings = Settings.from_env()
     given = {
