@@ -28,6 +28,7 @@ from ml_backend.results import (
     TaskDataError,
     build_prediction,
     describe_type,
+    suggestion_withheld,
     task_answers,
     task_prompt,
 )
@@ -272,7 +273,17 @@ class RLHFBackend:
                         offset += len(p.answers)
         reward_label = served.reward_version.label if served.reward_version else None
         return [
-            build_prediction(schema, p.answers, r, served.model_version, reward_label, draft=d)
+            build_prediction(
+                schema,
+                p.answers,
+                r,
+                served.model_version,
+                reward_label,
+                draft=d,
+                withhold=suggestion_withheld(
+                    p.task.get("id"), self.settings.withhold_suggestion_share, self.settings.seed
+                ),
+            )
             for p, r, d in zip(batch, rewards, drafts, strict=True)
         ]
 

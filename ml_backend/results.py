@@ -17,6 +17,7 @@ nothing is made up, and the reward box says so.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,6 +191,20 @@ def reward_text(
     return f"Reward ({reward_label}): " + " | ".join(parts)
 
 
+WITHHELD_TEXT = (
+    "No suggestion on this task: it is one of the tasks where the suggestion is withheld, to "
+    "measure whether suggestions sway annotators. Please judge the answers on your own."
+)
+
+
+def suggestion_withheld(task_id: Any, share: float, seed: int) -> bool:
+    """Whether the anchoring guard withholds the suggestion on this task: a draw seeded by the
+    task id, so a task stays on its side when it is predicted again."""
+    if share <= 0 or task_id is None:
+        return False
+    return random.Random(f"anchoring:{seed}:{task_id}").random() < share
+
+
 def build_prediction(
     schema: Schema,
     answers: list[Answer],
@@ -197,9 +212,21 @@ def build_prediction(
     model_version: str,
     reward_label: str | None,
     draft: str | None = None,
+    withhold: bool = False,
 ) -> dict[str, Any]:
-    """One prediction item for one task: {"result": [...], "score": p, "model_version": v}."""
+    """One prediction item for one task: {"result": [...], "score": p, "model_version": v}.
+
+    `withhold` (the anchoring guard): no choice, ranking, confidence or reward scores, only a
+    note where the config shows rewards. The prediction itself is the record: a reward version
+    made it (the same version suggests on other tasks) and it suggests nothing
+    (training/quality.py)."""
     result: list[dict[str, Any]] = []
+    if withhold and rewards is not None:
+        if schema.answer_box and draft is not None:
+            result.append(_textarea(schema.answer_box, schema.prompt_tag, draft))
+        if schema.reward_display:
+            result.append(_textarea(schema.reward_display, schema.prompt_tag, WITHHELD_TEXT))
+        return {"result": result, "model_version": model_version}
     score: float | None = None
 
     if schema.answer_box and draft is not None:

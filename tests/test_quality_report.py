@@ -11,6 +11,7 @@ import pytest
 import requests
 from conftest import add_reward_version
 from markdown_tables import rows_outside_tables, tables
+from test_uncertainty_sampling import add_different_reward_version
 
 from ml_backend.cli import main as cli
 
@@ -18,15 +19,16 @@ pytestmark = pytest.mark.label_studio
 
 L, R = "left", "right"
 # Per task: the three annotators' sides (A, B, C), and the suggestion shown with its score;
-# None: the anchoring guard withheld it (the prediction has a score and no result).
+# None: the anchoring guard withheld it.
 LABELS = [
     ((L, L, L), (L, 0.92)),
     ((L, L, R), (L, 0.75)),
     ((R, R, R), (L, 0.65)),
     ((L, R, L), (R, 0.96)),
-    ((L, L, L), (None, 0.80)),
-    ((R, R, L), (None, 0.70)),
+    ((L, L, L), (None, None)),
+    ((R, R, L), (None, None)),
 ]
+VERSION = "policy-base+reward-v1"
 UNCHANGED = {(0, 0), (1, 1)}  # (task, annotator) submitted as the prediction pre-filled them
 
 
@@ -67,11 +69,10 @@ def annotate(ls_client, project_id: int, annotators: list[int], labels=LABELS) -
         {
             "data": {"prompt": f"Question {i}?", "answer1": f"first {i}", "answer2": f"second {i}"},
             "predictions": [
-                {
-                    "result": pairwise(shown) if shown else [],
-                    "score": score,
-                    "model_version": "policy-base+reward-v1",
-                }
+                # As the backend writes them: a withheld suggestion has no result, no score.
+                {"result": pairwise(shown), "score": score, "model_version": VERSION}
+                if shown
+                else {"result": [], "model_version": VERSION}
             ],
         }
         for i, (_, (shown, score)) in enumerate(labels)
@@ -111,7 +112,9 @@ def test_report_figures_match_hand_computed_values(
     )
     for key, value in settings.to_env(base={}).items():
         monkeypatch.setenv(key, value)
-    old = add_reward_version(settings, tiny_reward_backbone_dir)
+    # A head redrawn so the answers' rewards are clearly apart (the untrained one nearly ties,
+    # and a near tie could fall either way with a batch's padding).
+    old = add_different_reward_version(settings, tiny_reward_backbone_dir, seed=5)
     time.sleep(1.1)  # versions are stamped to the second
     project = make_project("pairwise")
     ids = annotate(ls_client, project.id, annotators)
@@ -170,6 +173,7 @@ def test_report_figures_match_hand_computed_values(
     tasks = [ls_client.tasks.get(id=i) for i in ids]
     first = model.score([t.data["prompt"] for t in tasks], [t.data["answer1"] for t in tasks])
     second = model.score([t.data["prompt"] for t in tasks], [t.data["answer2"] for t in tasks])
+    assert min(abs(f - s) for f, s in zip(first, second, strict=True)) > 1e-3
     # A tie is wrong, as in reward_eval's accuracy.
     model_side = [L if f > s else R if s > f else None for f, s in zip(first, second, strict=True)]
     right = sum(side == model_side[t] for t, (sides, _) in enumerate(LABELS) for side in sides)

@@ -19,9 +19,9 @@ Figures, per project and label config (`quality_report`):
   it did not train on (live accuracy), and its held-out accuracy when it was trained.
 
 Which suggestion an annotation saw: the prediction it names as `parent_prediction`, else the
-newest prediction of the task made before the annotation. A prediction with a score but no
-result for a control is one whose suggestion the anchoring guard withheld
-(`ml_backend/results.py`). What cannot be computed is listed in `cannot`, with the reason;
+newest prediction of the task made before the annotation. A prediction that suggests nothing,
+of a model version that made suggestions on other tasks, is one whose suggestion the
+anchoring guard withheld (`LS_RLHF_WITHHOLD_SUGGESTION_SHARE`, ml_backend/results.py). What cannot be computed is listed in `cannot`, with the reason;
 the rest is computed.
 """
 
@@ -218,6 +218,15 @@ def _shown_prediction(task: dict, annotation: dict) -> dict | None:
 
 
 def read_labels(tasks: list[dict], schema: Schema) -> list[Label]:
+    # Model versions that suggested something somewhere: a prediction of one of them that
+    # suggests nothing is one the anchoring guard withheld.
+    suggesting = {
+        p.get("model_version")
+        for task in tasks
+        if isinstance(task, dict)
+        for p in task.get("predictions") or []
+        if isinstance(p, dict) and control_values(p.get("result") or [], schema)
+    }
     labels = []
     for task in tasks:
         if not isinstance(task, dict):
@@ -229,6 +238,11 @@ def read_labels(tasks: list[dict], schema: Schema) -> list[Label]:
             prediction = _shown_prediction(task, annotation)
             predicted = control_values(prediction.get("result") or [], schema) if prediction else {}
             score = prediction.get("score") if prediction else None
+            withheld = (
+                prediction is not None
+                and not predicted
+                and prediction.get("model_version") in suggesting
+            )
             origins = [r.get("origin") for r in results if isinstance(r, dict)]
             unchanged = bool(origins) and all(o == "prediction" for o in origins)
             for control, (value, position) in control_values(results, schema).items():
@@ -243,7 +257,7 @@ def read_labels(tasks: list[dict], schema: Schema) -> list[Label]:
                         position,
                         _time(annotation.get("created_at")),
                         suggestion,
-                        withheld=suggestion is None and score is not None,
+                        withheld=withheld,
                         confidence=float(score)
                         if suggestion is not None and isinstance(score, (int, float))
                         else None,
