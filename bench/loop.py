@@ -148,8 +148,10 @@ def main() -> None:
         served = f"{r['served']:.1f} s" if r["served"] is not None else "kept v1 (gate)"
         accuracy = f"{m.get('current_accuracy', float('nan')):.3f} -> {m.get('accuracy_after', float('nan')):.3f}"
         print(
-            f"{r['n']:>6} {r['cold']:>17.1f} s {r['job_done']:>21.1f} s {served:>22}  {accuracy} ({m.get('steps')} steps, {m.get('train_pairs')} train pairs)"
+            f"{r['n']:>6} {r['cold']:>17.1f} s {r['job_done']:>21.1f} s {served:>22}  {accuracy} ({m.get('method')}: {m.get('steps')} steps, {m.get('answers_read')} answers read, {m.get('train_pairs')} train pairs)"
         )
+        if r["job"]["state"] == "failed":
+            print(f"  job failed: {r['job'].get('error')}")
 
 
 if __name__ == "__main__":

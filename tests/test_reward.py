@@ -425,6 +425,15 @@ def test_a_probe_warm_start_keeps_its_layer_and_reads_only_new_answers(
         for a in (c, r)
     } - seen
     assert second.metrics["answers_read"] == len(fresh)
+    # A new annotation can pair answers that were all read before (rankings share answers).
+    again = train_reward(
+        concatenate_datasets([old, new]).shuffle(seed=0),
+        synthetic_pairs(40, 1),
+        registry,
+        str(tiny_reward_backbone_dir),
+        warm,
+    )
+    assert again.metrics["answers_read"] == 0 and again.metrics["method"] == "probe"
     metadata = json.loads((second.version.path / "metadata.json").read_text())
     assert metadata["started_from"] == "current version" and metadata["parent"] == "v1"
     assert second.metrics["current_accuracy"] == pytest.approx(first.metrics["accuracy_after"])
