@@ -124,9 +124,10 @@ class RLHFBackend:
                     f'"schema", the label config, does not fit: {err}', "schema", 422
                 ) from None
         wanted = self._versions_to_promote(payload.get("extra_params"))
-        # The project's own lineage (the first project to connect owns the registry root).
+        # The project's own lineage; connecting claims the registry root if it has no owner
+        # yet, once the versions named are known to exist (a refused /setup changes nothing).
+        self._promote(wanted, self.holder.registry_for(project_id))
         registry = self.holder.registry_for(project_id, claim=True)
-        self._promote(wanted, registry)
         hostname, token = payload.get("hostname"), payload.get("access_token")
         if project_id is not None:
             if self.events is not None:
