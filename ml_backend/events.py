@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ml_backend.results import describe_type
+
 ANNOTATION_ACTIONS = frozenset(
     {
         "ANNOTATION_CREATED",
@@ -94,7 +96,7 @@ def parse_project_id(value: Any, field: str = "project") -> int:
     if value is None:
         raise EventError(f'"{field}" is missing: {hint}', field)
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise EventError(f'"{field}" is {_json_type(value)}, not a project id: {hint}', field)
+        raise EventError(f'"{field}" is {describe_type(value)}, not a project id: {hint}', field)
     if isinstance(value, str):
         head, dot, tail = value.partition(".")
         if not (head.isascii() and head.isdigit()) or (
@@ -109,23 +111,6 @@ def parse_project_id(value: Any, field: str = "project") -> int:
     return value
 
 
-def _json_type(value: Any) -> str:
-    """What a JSON value is, in words: for messages that report a wrong type."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
 def _ids(value: Any, field: str) -> tuple[int, ...]:
     """Ids of an object or a list of objects ({"id": 3} or [{"id": 3}, ...])."""
     items = value if isinstance(value, list) else [value]
@@ -134,7 +119,7 @@ def _ids(value: Any, field: str) -> tuple[int, ...]:
         where = f"{field}[{i}]" if isinstance(value, list) else field
         if not isinstance(item, dict):
             raise EventError(
-                f'"{where}" is {_json_type(item)}; Label Studio sends an object with an "id"',
+                f'"{where}" is {describe_type(item)}; Label Studio sends an object with an "id"',
                 where,
             )
         raw = item.get("id")
@@ -142,7 +127,7 @@ def _ids(value: Any, field: str) -> tuple[int, ...]:
             continue
         if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= MAX_ID:
             raise EventError(
-                f'"{where}.id" must be an integer id (0 or more), not {_json_type(raw)} {str(raw)[:40]}',
+                f'"{where}.id" must be an integer id (0 or more), not {describe_type(raw)} {str(raw)[:40]}',
                 f"{where}.id",
             )
         ids.append(raw)
@@ -158,7 +143,7 @@ def summarize(payload: Any) -> tuple[str, int, int | None, tuple[int, ...]]:
         )
     action = payload.get("action")
     if not isinstance(action, str):
-        what = "missing" if action is None else f"{_json_type(action)}, not text"
+        what = "missing" if action is None else f"{describe_type(action)}, not text"
         raise EventError(
             f'"action" is {what}: a webhook body needs an "action" such as "ANNOTATION_CREATED" '
             'or "START_TRAINING"',
@@ -173,7 +158,7 @@ def summarize(payload: Any) -> tuple[str, int, int | None, tuple[int, ...]]:
     task = payload.get("task")
     if task is not None and not isinstance(task, dict):
         raise EventError(
-            f'"task" is {_json_type(task)}; Label Studio sends the task object', "task"
+            f'"task" is {describe_type(task)}; Label Studio sends the task object', "task"
         )
     task_ids = _ids(task, "task") if task is not None else ()
     annotation_ids: tuple[int, ...] = ()
