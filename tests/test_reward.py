@@ -498,3 +498,22 @@ def test_scoring_and_serving_do_not_import_trl():
         "sys.exit('trl' in sys.modules or 'training.reward' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_promotion_gate_tolerates_only_noise():
+    import numpy as np
+
+    from training.reward import _paired_standard_error, _should_promote
+
+    current = np.array([True] * 60 + [False] * 40)
+    one_flip = current.copy()
+    one_flip[0] = False  # 0.60 -> 0.59: one pair of a hundred judged differently
+    tolerance = _paired_standard_error(one_flip, current)
+    assert tolerance == pytest.approx(0.01)
+    assert _should_promote("if_not_worse", 0.59, 0.60, tolerance)
+    many = current.copy()
+    many[:10] = False  # 0.60 -> 0.50: ten pairs lost, none gained
+    tolerance = _paired_standard_error(many, current)
+    assert tolerance == pytest.approx(np.sqrt(10) / 100)
+    assert not _should_promote("if_not_worse", 0.50, 0.60, tolerance)
+    assert _should_promote("always", 0.1, 0.9) and not _should_promote("never", 0.9, 0.1)

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, TrainerCallback
@@ -50,7 +51,7 @@ from trl import RewardConfig, RewardTrainer
 from training.models import load_backbone, load_sequence_classifier
 from training.precision import resolve_dtype
 from training.registry import Registry, Version
-from training.reward_eval import RewardEvaluation, evaluate_reward
+from training.reward_eval import RewardEvaluation, evaluation_of, reward_differences
 from training.reward_model import (
     TRAINED_PAIRS_FILE,
     RewardModel,
@@ -467,16 +468,15 @@ def train_reward(
         # Judged as it will be served: reloaded from the folder, in the serving precision.
         served = RewardModel.load(staged, config.max_length, dtype=config.dtype)
         # A tiny project can leave no held-out pairs: the version is trained, but unjudged.
-        evaluation = evaluate_reward(served.score, eval) if len(eval) else None
+        difference = reward_differences(served.score, eval) if len(eval) else None
+        evaluation = evaluation_of(difference, eval) if difference is not None else None
         accuracy_after = evaluation.accuracy if evaluation else float("nan")
-        if current is None:
-            current_accuracy = None
-        elif fitted.current_accuracy is not None:
-            current_accuracy = fitted.current_accuracy
-        else:
-            current_accuracy = pairwise_accuracy(
-                RewardModel.load(current.path, config.max_length, dtype=config.dtype), eval
-            )
+        # The served version on the same pairs, pair by pair, for the promotion gate.
+        current_right = None
+        if current is not None and difference is not None:
+            current_model = RewardModel.load(current.path, config.max_length, dtype=config.dtype)
+            current_right = reward_differences(current_model.score, eval) > 0
+        current_accuracy = None if current_right is None else float(current_right.mean())
         extra = {name: figures(served) for name, figures in (extra_evaluations or {}).items()}
         metrics = {
             "method": fitted.method,
@@ -489,7 +489,13 @@ def train_reward(
             "eval_pairs": len(eval),
             **fitted.metrics,
         }
-        promoted = _should_promote(config.promote, accuracy_after, current_accuracy)
+        tolerance = (
+            _paired_standard_error(difference > 0, current_right)
+            if difference is not None and current_right is not None
+            else 0.0
+        )
+        metrics["promotion_tolerance"] = round(tolerance, 4)
+        promoted = _should_promote(config.promote, accuracy_after, current_accuracy, tolerance)
         version = registry.commit(
             "reward",
             staged,
@@ -527,7 +533,6 @@ class _Fitted:
     started_from: str
     method: str = "finetune"
     accuracy_before: float | None = None  # the untrained model, where there is one
-    current_accuracy: float | None = None  # when the start point was the current version
     curves: str | None = None
 
 
@@ -600,7 +605,6 @@ def _fine_tune(
         },
         started_from="current version" if warm else backbone,
         accuracy_before=accuracy_before,
-        current_accuracy=accuracy_before if warm else None,
         curves=plot_curves(trainer.state.log_history, staged / "training_curves.png"),
     )
 
@@ -880,14 +884,28 @@ def _trainer_args(
     )
 
 
-def _should_promote(policy: str, accuracy: float, current_accuracy: float | None) -> bool:
+def _paired_standard_error(new_right: np.ndarray, current_right: np.ndarray) -> float:
+    """Standard error of (new accuracy - current accuracy) on the same pairs: only the pairs
+    the two versions judge differently move it (McNemar), so two versions that agree on
+    nearly every pair get a tight tolerance, and one annotation more cannot be blocked by
+    the coin flips of a few held-out pairs."""
+    n = len(new_right)
+    discordant = int((new_right != current_right).sum())
+    return math.sqrt(discordant) / n if n else 0.0
+
+
+def _should_promote(
+    policy: str, accuracy: float, current_accuracy: float | None, tolerance: float = 0.0
+) -> bool:
+    """if_not_worse: promote unless held-out accuracy fell by more than `tolerance` (one
+    paired standard error: a fall the held-out set can tell from noise)."""
     if policy == "always":
         return True
     if policy == "never":
         return False
     if current_accuracy is None or math.isnan(current_accuracy) or math.isnan(accuracy):
         return True
-    return accuracy >= current_accuracy
+    return accuracy >= current_accuracy - tolerance
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, Any]:

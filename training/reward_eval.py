@@ -154,17 +154,18 @@ def evaluate_reward(
 ) -> RewardEvaluation:
     """Score each distinct (prompt, answer) once, then every figure of `RewardEvaluation`."""
     check_pairs(pairs)
-    prompts, chosen, rejected = (
-        list(pairs["prompt"]),
-        list(pairs["chosen"]),
-        list(pairs["rejected"]),
-    )
-    difference = reward_differences(score, pairs)
+    return evaluation_of(reward_differences(score, pairs), pairs, bins, resamples, seed)
+
+
+def evaluation_of(
+    difference: np.ndarray, pairs: Dataset, bins: int = 5, resamples: int = 1000, seed: int = 0
+) -> RewardEvaluation:
+    """Every figure of `RewardEvaluation` from the pairs' reward differences."""
     return evaluation_from_differences(
         difference,
-        prompts,
-        [len(c) for c in chosen],
-        [len(r) for r in rejected],
+        list(pairs["prompt"]),
+        [len(c) for c in pairs["chosen"]],
+        [len(r) for r in pairs["rejected"]],
         agreement=_column(pairs, "agreement"),
         votes=_column(pairs, "votes"),
         margin=_column(pairs, "margin"),
