@@ -232,9 +232,10 @@ def next_round(
     registry: Registry,
 ) -> int:
     """New comparison tasks from the current policy (InstructGPT's steps two and three repeat)."""
-    from ml_backend.serving import policy_label
-    from ml_backend.tasks import completions_needed, task_data
-    from training.generation import generate_completions
+    import time
+
+    from ml_backend.serving import Served
+    from ml_backend.tasks import make_tasks
     from training.label_config import read_schema
     from training.label_studio_client import client as label_studio_client
     from training.models import load_causal_lm, resolve_policy
@@ -246,29 +247,12 @@ def next_round(
         if version
         else resolve_policy(settings.policy_model, settings.models_cache_dir)
     )
-    label = policy_label(version)
-    schema = read_schema(config)
     chosen = [prompts[i % len(prompts)] for i in range(settings.next_round)]
     model, tokenizer = load_causal_lm(path, dtype=settings.dtype)
-    k = completions_needed(schema, settings.num_completions)
-    completions = (
-        generate_completions(
-            model,
-            tokenizer,
-            chosen,
-            k,
-            settings.max_new_tokens,
-            settings.temperature,
-            settings.top_p,
-            settings.generation_batch_size,
-            settings.seed,
-        )
-        if k
-        else [[] for _ in chosen]
-    )
-    tasks = [
-        {"data": task_data(schema, p, c, label)} for p, c in zip(chosen, completions, strict=True)
-    ]
+    # The tasks are written as `ls-rlhf generate` writes them (tasks.make_tasks), by this
+    # policy; no reward model is needed to write them.
+    writer = Served(model, tokenizer, version, None, None, time.time())
+    tasks = [{"data": data} for data in make_tasks(chosen, read_schema(config), writer, settings)]
     # The SDK types the request as its own models; it sends plain task dicts as they are.
     label_studio_client(url=url, api_key=key).projects.import_tasks(
         id=project_id,
