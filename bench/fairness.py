@@ -50,8 +50,10 @@ def main() -> None:
     backbone = resolve_reward_backbone("default")
     sets = load_sets()
     names = sets.names()
+    # Fine-tuning for both runs: the penalty is a loss term on the backbone, and the plain
+    # run must differ from it by the penalty only.
     config = replace(
-        RewardTrainingConfig(),
+        RewardTrainingConfig(method="finetune"),
         num_train_epochs=args.epochs,
         max_length=args.max_length,
         promote="always",
