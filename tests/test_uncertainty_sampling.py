@@ -8,6 +8,7 @@ import time
 
 import pytest
 import requests
+from test_labeling_ui import page  # noqa: F401 - the Chromium fixture
 
 from ml_backend.cli import main as cli
 from ml_backend.sampling import UNCERTAINTY_SAMPLING
@@ -202,3 +203,59 @@ def test_connect_can_leave_sampling_alone(backend32, make_project, ls_client, ca
     )
     assert "sampling left as it was" in capsys.readouterr().out
     assert ls_client.projects.get(id=project.id).sampling == before != UNCERTAINTY_SAMPLING
+
+
+@pytest.mark.browser
+def test_label_all_tasks_in_chromium_starts_with_the_least_certain(
+    page,  # noqa: F811 - the fixture imported from test_labeling_ui
+    make_project,
+    ls_client,
+    label_studio,
+    output_dir,
+):
+    """The annotator's own button: "Label All Tasks" opens the lowest-score task, and after
+    a submit the next lowest."""
+    from ml_backend.sampling import turn_on_uncertainty_sampling
+
+    project = make_project("pairwise")
+    scores = [0.9, 0.55, 0.8, 0.51, 0.7, 0.95]
+    ls_client.projects.import_tasks(
+        id=project.id,
+        request=[
+            {
+                "data": task,
+                "predictions": [
+                    {
+                        "result": [
+                            {
+                                "from_name": "comparison",
+                                "to_name": "comparison",
+                                "type": "pairwise",
+                                "value": {"selected": "left"},
+                            }
+                        ],
+                        "score": score,
+                        "model_version": "policy-base+reward-v9",
+                    }
+                ],
+            }
+            for task, score in zip(TASKS, scores, strict=True)
+        ],
+    )
+    said = turn_on_uncertainty_sampling(ls_client, project.id, "policy-base+reward-v9")
+    assert "model version policy-base+reward-v9" in said
+    by_score = [TASKS[i]["prompt"] for i in sorted(range(len(scores)), key=scores.__getitem__)]
+
+    page.goto(f"{label_studio.url}/projects/{project.id}/data")
+    page.get_by_role("button", name="Label All Tasks").click()
+    shown = []
+    for step in range(2):
+        submit = page.get_by_test_id("bottombar-submit-button")
+        submit.wait_for(timeout=60_000)
+        # The label stream shows one task, no table of the others.
+        (prompt,) = [p for p in by_score if page.get_by_text(p).count()]
+        shown.append(prompt)
+        page.screenshot(path=str(output_dir / f"label-all-tasks-{step + 1}.png"))
+        submit.click()  # the suggestion, pre-filled, as it is
+        page.get_by_text(prompt).first.wait_for(state="detached", timeout=30_000)
+    assert shown == by_score[:2], shown
