@@ -54,6 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--per-round", type=int, default=40, help="annotations per simulated round (default 40)"
     )
     parser.add_argument(
+        "--keep-sampling",
+        action="store_true",
+        help="leave Label Studio's default task order (default: uncertainty sampling, the "
+        "closest call first, on the served version's scores)",
+    )
+    parser.add_argument(
         "--judge",
         nargs="?",
         const="default",
@@ -149,6 +155,18 @@ def _run(args: argparse.Namespace) -> int:
             prompts_file.write_text("\n".join(prompts) + "\n")
             if cli(["generate", "--project", str(project.id), "--prompts", str(prompts_file)]) != 0:
                 raise UserError("generating tasks failed; see the messages above")
+        from ml_backend.commands.connect import _served_version
+        from ml_backend.sampling import turn_on_uncertainty_sampling
+
+        print(
+            turn_on_uncertainty_sampling(
+                ls,
+                project.id,
+                _served_version(backend_url, env_settings),
+                sampling=not args.keep_sampling,
+            ),
+            flush=True,
+        )
         print(
             "\nReady.\n"
             f"  Label Studio: {studio.url}/projects/{project.id}/data\n"
