@@ -29,6 +29,7 @@ from ml_backend.events import MAX_ID, EventError, EventLog, parse_project_id
 from ml_backend.jobs import JobScheduler, JobStore
 from ml_backend.results import InputError, TaskDataError, describe_type
 from ml_backend.serving import ModelHolder
+from ml_backend.status_page import status
 from ml_backend.training_job import run_training
 from training.label_config import LabelConfigError
 from training.quality import REPORTS_DIR, metric_lines
@@ -49,7 +50,7 @@ class BadRequest(InputError):
 
 ROUTES = (
     "GET /health, POST /setup, POST /predict, GET /predictions/progress, POST /webhook, "
-    "GET|POST /versions, POST /train, GET /jobs, GET /jobs/<id>, GET /metrics"
+    "GET|POST /versions, POST /train, GET /jobs, GET /jobs/<id>, GET /metrics, GET /status"
 )
 
 
@@ -91,6 +92,7 @@ def create_app(
         settings, holder, backend, events, scheduler, _scrubber(settings), time.time()
     )
     app.register_blueprint(api)
+    app.register_blueprint(status)  # GET /status, the page a person reads
     return app
 
 
