@@ -209,6 +209,11 @@ def parse_annotation(
         if text is not None:
             texts[result["from_name"]] = text
 
+    # A tie ("tie", "both bad") overrides a side clicked in the same annotation.
+    if any(isinstance(r, Comparison) and r.preferred is None for r in records):
+        records = [
+            r for r in records if not (isinstance(r, Comparison) and r.preferred is not None)
+        ]
     # Text boxes combine into one record per annotation.
     if schema.answer_box and texts.get(schema.answer_box):
         original = data.get("draft") or _predicted_text(task, schema.answer_box)
@@ -276,6 +281,11 @@ def _parse_result(result, schema, prompt, answer_text, items, source):
         chosen = value["choices"]
         if not isinstance(chosen, list):
             raise ValueError("choices must be a list")
+        if name == schema.tie_choices:
+            if not chosen:
+                return None, None
+            a, b = (_answer(answer_text, t) for t in schema.answer_tags[:2])
+            return Comparison(prompt, (a, b), None, source), None  # a tie, whatever the side
         if name == schema.choices:
             tags = [schema.choice_values.get(c) for c in chosen]
             if len(tags) != 1 or tags[0] is None:

@@ -20,6 +20,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
 
+TIE_VALUES = frozenset({"tie", "both bad", "both good", "equal"})
 KINDS = ("pairwise", "ranking", "rating", "demonstration", "critique")
 _REWRITE_WORDS = ("rewrite", "refine", "refinement", "correct", "revision", "revise", "improve")
 
@@ -60,6 +61,8 @@ class Schema:
     critique: str | None = None  # TextArea of written feedback
     refinement: str | None = None  # TextArea of a rewritten answer
     reward_display: str | None = None  # TextArea where the backend shows rewards
+    # Choices beside a Pairwise for what it cannot say ("tie", "both bad"): parsed as a tie.
+    tie_choices: str | None = None
 
 
 def read_schema(config_xml: str) -> Schema:
@@ -98,6 +101,16 @@ def read_schema(config_xml: str) -> Schema:
             "(see label_configs/ for complete examples)"
         )
     extra.update(_choice_roles(of("Choices"), answer_tags, extra.get("list_tag")))
+    if kind == "pairwise":
+        extra["tie_choices"] = next(
+            (
+                el.get("name")
+                for el in of("Choices")
+                if el.get("name") != extra.get("choices")
+                and {c.get("value", "").lower() for c in el.iter("Choice")} & TIE_VALUES
+            ),
+            None,
+        )
     if kind in ("pairwise", "ranking", "rating") and textareas:
         # An optional critique box next to a comparison, ranking or rating.
         extra["critique"] = textareas[0].get("name")

@@ -202,6 +202,11 @@ def control_values(results: list, schema: Schema) -> dict[str, tuple[Hashable, s
             order = ranker.get(name) if isinstance(ranker, dict) else None
             if isinstance(order, list) and order:
                 found[name] = (str(order[0]), None)  # the top answer
+    if schema.tie_choices in found and schema.pairwise:
+        # "tie" / "both bad" is the comparison's answer, whatever side was clicked with it.
+        verdict, _ = found.pop(schema.tie_choices)
+        if verdict:
+            found[schema.pairwise] = (f"tie: {verdict}", None)
     return found
 
 
