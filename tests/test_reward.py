@@ -517,3 +517,22 @@ def test_the_promotion_gate_tolerates_only_noise():
     assert tolerance == pytest.approx(np.sqrt(10) / 100)
     assert not _should_promote("if_not_worse", 0.50, 0.60, tolerance)
     assert _should_promote("always", 0.1, 0.9) and not _should_promote("never", 0.9, 0.1)
+
+
+def test_a_probe_on_a_decoder_pools_the_answer_tokens(tmp_path, tiny_policy_dir):
+    # A chat-templated decoder: the answer sits before the end-of-turn tokens; the probe
+    # pools the answer's tokens there, and a version loads back as a probe.
+    result = train_reward(
+        synthetic_pairs(120, 0),
+        synthetic_pairs(40, 1),
+        Registry(tmp_path / "registry"),
+        str(tiny_policy_dir),
+        RewardTrainingConfig(method="probe", max_length=64, dtype="float32"),
+    )
+    assert result.metrics["accuracy_after"] >= 0.9
+    served = RewardModel.load(result.version.path, dtype="float32")
+    assert served.probe is not None
+    data = synthetic_pairs(10, 2)
+    together = served.score(data["prompt"], data["chosen"], batch_size=4)
+    alone = [served.score([p], [a])[0] for p, a in zip(data["prompt"], data["chosen"], strict=True)]
+    assert together == pytest.approx(alone, abs=1e-4)
