@@ -450,14 +450,11 @@ def train_reward(
     # split, and `auto` compares the two methods on that split.
     fit, validation = (train, None) if method == "probe" else _validation_split(train, config)
     with registry.stage("reward") as staged:
+        run = _Run(fit, validation, eval, staged, backbone, current, config, progress)
         if method == "finetune":
-            fitted = _fine_tune(
-                fit, validation, eval, staged, backbone, current, config, extra_loss, progress
-            )
+            fitted = _fine_tune(run, extra_loss)
         else:
-            fitted = _probe_or_fine_tune(
-                fit, validation, eval, staged, backbone, current, config, method, progress
-            )
+            fitted = _probe_or_fine_tune(run, method)
         # What this version learned from, so a warm start can tell new annotations from old.
         (staged / TRAINED_PAIRS_FILE).write_text(
             "".join(
@@ -536,18 +533,24 @@ class _Fitted:
     curves: str | None = None
 
 
-def _fine_tune(
-    fit: Dataset,
-    validation: Dataset | None,
-    eval: Dataset,
-    staged: Path,
-    backbone: str,
-    current: Version | None,
-    config: RewardTrainingConfig,
-    extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None,
-    progress: Callable[[float], None] | None,
-) -> _Fitted:
+@dataclass
+class _Run:
+    """What both fitting methods read: the data, the staged folder, the start point."""
+
+    fit: Dataset
+    validation: Dataset | None
+    eval: Dataset
+    staged: Path
+    backbone: str
+    current: Version | None
+    config: RewardTrainingConfig
+    progress: Callable[[float], None] | None
+
+
+def _fine_tune(run: _Run, extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None) -> _Fitted:
     """Fine-tune a sequence classifier with TRL's RewardTrainer on prompt groups."""
+    fit, validation, eval, staged = run.fit, run.validation, run.eval, run.staged
+    backbone, current, config, progress = run.backbone, run.current, run.config, run.progress
     bf16 = resolve_dtype(config.dtype) == "bfloat16"
     warm = bool(config.warm_start and current and not is_probe(current.path))
     start_from = str(current.path) if warm and current else backbone
@@ -742,23 +745,14 @@ def _fit_linear_probe(
     return probed
 
 
-def _probe_or_fine_tune(
-    fit: Dataset,
-    validation: Dataset | None,
-    eval: Dataset,
-    staged: Path,
-    backbone: str,
-    current: Version | None,
-    config: RewardTrainingConfig,
-    method: str,
-    progress: Callable[[float], None] | None,
-) -> _Fitted:
+def _probe_or_fine_tune(run: _Run, method: str) -> _Fitted:
     """`probe`: a linear probe. `auto`: a probe and a fine-tuned model, and the one with the
     lower Bradley-Terry loss on the validation split is kept (the probe then refitted on
     the validation pairs too). With too few pairs for a validation split, `auto` keeps the
     probe: it has two settings to choose, a fine-tuning run has millions of weights."""
+    fit, validation, config = run.fit, run.validation, run.config
     sets = [fit] if validation is None else [fit, validation]
-    probed = _fit_linear_probe(sets, backbone, current, config)
+    probed = _fit_linear_probe(sets, run.backbone, run.current, config)
     comparison: dict[str, Any] = {}
     if method == "auto" and validation is not None:
         layer = probed.layers.index(probed.probe.layer)
@@ -768,7 +762,7 @@ def _probe_or_fine_tune(
         )
         # The fine-tuned model's validation loss carries TRL's centring term; so does this.
         probe_loss += (config.center_rewards_coefficient or 0.0) * float(rewards.pow(2).mean())
-        tuned = _fine_tune(fit, validation, eval, staged, backbone, current, config, None, progress)
+        tuned = _fine_tune(run, None)
         tuned_loss = tuned.metrics["best_validation_loss"]
         comparison = {
             "probe_validation_loss": round(probe_loss, 5),
@@ -783,11 +777,11 @@ def _probe_or_fine_tune(
         if tuned_loss is not None and tuned_loss < probe_loss:
             tuned.metrics = {**tuned.metrics, "auto": {**comparison, "chosen": "finetune"}}
             return tuned
-        for path in list(staged.iterdir()):  # the fine-tuned files give way to the probe's
+        for path in list(run.staged.iterdir()):  # the fine-tuned files give way to the probe's
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     if validation is not None:
         probed.refit([fit, validation], config.use_margin)
-    probed.save(staged, config.max_length)
+    probed.save(run.staged, config.max_length)
     metrics = probed.metrics(len(fit) + (len(validation) if validation is not None else 0))
     if comparison:
         metrics["auto"] = {**comparison, "chosen": "probe"}
