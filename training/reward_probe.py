@@ -1,23 +1,24 @@
 """A reward model as a linear probe: Bradley-Terry on frozen features of a backbone.
 
-The backbone reads each (prompt, answer) once, exactly as `format_reward_input` tokenizes it
-for fine-tuning; the hidden states of one layer, averaged over the tokens, are the answer's
-features (pooled over the answer's own tokens, read in the context of the prompt); a linear model on them is fitted by L2-regularized Bradley-Terry (logistic
-regression on feature differences of the judged pairs, with the pairs' margins). The layer
-and the regularization strength are chosen by cross-validation over the training prompts
-(Bradley-Terry loss), then the probe is refitted on every training pair.
+The backbone reads each (prompt, answer) once, tokenized exactly as `format_reward_input`
+does for fine-tuning. The hidden states of one layer, averaged over the answer's own tokens
+(read in the context of the prompt), are the answer's features; a linear model on them is
+fitted by L2-regularized Bradley-Terry (logistic regression on the feature differences of
+the judged pairs, with their margins). The layer and the regularization strength are chosen
+by cross-validation over the training prompts, then the probe is refitted on every pair.
 
 Why: with hundreds to a few thousand judged pairs, fine-tuning a whole backbone overfits
-within an epoch and its result depends on when it stops, while a strongly regularized linear
-model on good frozen features does not (linear probing, Alain & Bengio 2016; Kumar et al.
-2022 on probing against fine-tuning with little data). Measured on FineGrainedRLHF
-(docs/benchmarks.md): MiniLM's fourth-layer mean features rank more held-out pairs right than
-any fine-tuning run did, at a fraction of the cost, since the backbone only reads each
-answer once and never runs backward.
+within an epoch and its result depends on when it stops, while a regularized linear model on
+frozen features does not (linear probing: Alain & Bengio, 2016; on probing against
+fine-tuning with little data, Kumar et al., 2022). Measured on FineGrainedRLHF
+(docs/benchmarks.md), a probe on MiniLM ranked more held-out pairs right than any
+fine-tuning run, in a fifth of the time: the backbone reads each answer once and never runs
+backward. Which method wins on other data is for the validation split to say
+(`method="auto"` in training/reward.py).
 
-A probe version folder holds the backbone (an HF folder, unchanged), its tokenizer,
-`reward_probe.json` (layer, pooling, bias and how they were chosen) and
-`reward_probe.safetensors` (the weight vector).
+A probe version folder holds the backbone (an HF folder), its tokenizer, `reward_probe.json`
+(layer, pooling, bias and how they were chosen), `reward_probe.safetensors` (the weights)
+and `reward_probe_features.safetensors` (its answers' features, for warm starts).
 """
 
 from __future__ import annotations
