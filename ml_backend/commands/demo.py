@@ -120,10 +120,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.simulate:
         env_settings = env_settings.replace(train_every=args.per_round)
     if args.judge:
-        # Every round's labels are of the policy's latest answers: the policy must move.
+        # Every round's labels are of the policy's latest answers: the policy must move, so
+        # every round serves its reward version (the gate's few held-out pairs are a coin
+        # flip; a kept version would mean no policy step and no next round's tasks).
         env_settings = env_settings.replace(
             loop_policy="ppo" if settings.loop_policy == "none" else settings.loop_policy,
             next_round=args.per_round,
+            reward_promote="always",
         )
         prompts = [prompts[i % len(prompts)] for i in range(max(len(prompts), args.per_round))]
     backend = BackendServer(env_settings, demo_dir / "backend.log", port=args.backend_port)
