@@ -29,6 +29,7 @@ from training.feedback import parse_export
 from training.models import resolve_reward_backbone
 from training.registry import Registry, lineage
 from training.reward import RewardTrainingConfig, pair_key, train_reward, trained_pairs
+from training.reward_probe import is_probe
 from training.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,14 +73,18 @@ def run_training(
     summary.update(live)
     warm = registry.current("reward") is not None
     train_config = RewardTrainingConfig(
-        seed=settings.seed, warm_start=warm, promote=settings.reward_promote
+        method=settings.reward_method,
+        seed=settings.seed,
+        warm_start=warm,
+        promote=settings.reward_promote,
     )
     if settings.reward_max_steps > 0:
         train_config.max_steps = settings.reward_max_steps
     fit = split["train"]
-    if warm:
-        current = registry.current("reward")
-        assert current is not None
+    current = registry.current("reward")
+    # A probe refits on every pair in seconds (it reads only the new answers); fine-tuning
+    # takes a few steps on the new pairs and a replayed sample of the old.
+    if warm and current is not None and not is_probe(current.path):
         fit = new_and_replayed(fit, trained_pairs(current.path), settings.seed)
         groups = len(set(fit["prompt"]))  # a step takes whole prompt groups
         steps_per_epoch = math.ceil(groups / train_config.per_device_train_batch_size)
