@@ -91,7 +91,9 @@ def test_sigterm_stops_label_studio_and_the_backend_and_frees_the_ports(
         assert len(children) >= 2  # Label Studio, gunicorn and its worker, ...
 
         os.kill(demo.pid, signal.SIGTERM)  # what `kill`, `timeout` and systemd send
-        assert demo.wait(timeout=90) == 0, (tmp_path / "demo.out").read_text()[-3000:]
+        # Seconds on a quiet machine; the bound is for a CPU-starved one (it took over 90 s
+        # once, niced under a benchmark, after "stopped" was printed: interpreter shutdown).
+        assert demo.wait(timeout=300) == 0, (tmp_path / "demo.out").read_text()[-3000:]
         output = (tmp_path / "demo.out").read_text()
         assert "stopped: Label Studio and the backend are down" in output
         deadline = time.monotonic() + 10
