@@ -6,13 +6,14 @@ requests each. Most are one pairwise task (the reward model scores both answers)
 LS_RLHF_MAX_NEW_TOKENS tokens). The policy is SmolLM2-135M-Instruct; the reward version is
 made from the default backbone (all-MiniLM-L6-v2), untrained: scoring costs the same.
 Printed: latency p50/p99 per kind, throughput, errors (any status but 200), and the
-backend's resident memory (its process and children, sampled every 0.5 s) before, at peak
-and after.
+backend's resident memory (its process and children, sampled every 0.5 s) before, at peak,
+after each of `--rounds` rounds of this load, and after.
 
 Part 2, the webhook flood during a training: a real Label Studio project holds `--pairs`
 annotated pairwise tasks; "Start Training" trains a reward version on the default backbone
-(`--steps` steps); while the job runs, eight senders post 1,000 annotation webhooks. Each
-must be answered 201 and recorded (the event log is counted), and the job must still finish.
+(`--steps` steps); while the job runs, eight senders post 1,000 annotation webhooks, each
+with Label Studio's own 1 s timeout. Each must be recorded (the event log is counted, also
+for those the sender gave up on), answers are timed, and the job must still finish.
 
     flock /tmp/ls-rlhf-bench.lock nice -n 0 .venv/bin/python bench/load.py [--skip-flood]
 """
@@ -43,6 +44,7 @@ from training.finegrained import load_finegrained, to_label_studio_tasks
 from training.settings import Settings
 
 CLIENTS = 8
+WEBHOOK_TIMEOUT = 1.0
 
 
 def rss_mb(pid: int) -> float:
@@ -116,7 +118,7 @@ def base_settings(home: Path, **changes) -> Settings:
     return settings
 
 
-def predict_load(workdir: Path, per_client: int, generate_every: int) -> dict:
+def predict_load(workdir: Path, per_client: int, generate_every: int, rounds: int) -> dict:
     settings = base_settings(workdir / "home-predict")
     reward = add_default_reward_version(settings)
     backend = BackendServer(settings, workdir / "backend-predict.log")
@@ -159,10 +161,14 @@ def predict_load(workdir: Path, per_client: int, generate_every: int) -> dict:
                 out.append((kind, code, time.perf_counter() - started))
             return out
 
+        # Several rounds of the same load: memory that is bounded stops growing after the first.
+        results, after_round = [], []
         with MemorySampler(backend.process.pid) as memory:
             started = time.perf_counter()
-            with ThreadPoolExecutor(CLIENTS) as pool:
-                results = [r for rs in pool.map(client, range(CLIENTS)) for r in rs]
+            for _ in range(rounds):
+                with ThreadPoolExecutor(CLIENTS) as pool:
+                    results += [r for rs in pool.map(client, range(CLIENTS)) for r in rs]
+                after_round.append(round(rss_mb(backend.process.pid)))
             seconds = time.perf_counter() - started
         after = rss_mb(backend.process.pid)
         health = requests.get(f"{backend.url}/health", timeout=10).json()
@@ -177,6 +183,7 @@ def predict_load(workdir: Path, per_client: int, generate_every: int) -> dict:
         "rss_mb_before": round(before),
         "rss_mb_peak": round(max(memory.samples, default=before)),
         "rss_mb_after": round(after),
+        "rss_mb_after_each_round": after_round,
         "reward_version": reward,
         "served_after": health.get("model_version"),
     }
@@ -240,7 +247,6 @@ def flood_during_training(workdir: Path, pairs: int, steps: int, webhooks: int) 
                 raise RuntimeError(f"the job did not reach training: {job()}")
             time.sleep(0.2)
         before_events = events.last_id()
-        sessions = [requests.Session() for _ in range(CLIENTS)]
 
         def send(i: int) -> tuple[int, float]:
             payload = {
@@ -251,13 +257,15 @@ def flood_during_training(workdir: Path, pairs: int, steps: int, webhooks: int) 
             }
             started = time.perf_counter()
             try:
-                code = (
-                    sessions[i % CLIENTS]
-                    .post(f"{url}/webhook", json=payload, timeout=10)
-                    .status_code
-                )
-            except requests.RequestException:
+                # Label Studio's own timeout for a webhook (WEBHOOK_TIMEOUT, 1 s; no retry):
+                # a slower answer is a failed delivery to it, whether or not it was recorded.
+                # A new connection each, as Label Studio sends them (no keep-alive to race).
+                response = requests.post(f"{url}/webhook", json=payload, timeout=WEBHOOK_TIMEOUT)
+                code = response.status_code
+            except requests.Timeout:
                 code = -1
+            except requests.ConnectionError:
+                code = -2
             return code, time.perf_counter() - started
 
         started = time.perf_counter()
@@ -265,6 +273,7 @@ def flood_during_training(workdir: Path, pairs: int, steps: int, webhooks: int) 
             results = list(pool.map(send, range(webhooks)))
         flood_seconds = time.perf_counter() - started
         state_after_flood = job()["state"]
+        time.sleep(WEBHOOK_TIMEOUT * 5)  # requests the client gave up on still finish
         recorded = [e for e in events.events(project_id=project.id) if e.id > before_events]
         while job()["state"] not in ("done", "failed"):
             time.sleep(0.5)
@@ -277,6 +286,9 @@ def flood_during_training(workdir: Path, pairs: int, steps: int, webhooks: int) 
     return {
         "webhooks": webhooks,
         "answered_201": len(latencies),
+        "timed_out_at_1s": sum(1 for code, _ in results if code == -1),
+        "connection_errors": sum(1 for code, _ in results if code == -2),
+        "answered_over_0.5s": sum(1 for t in latencies if t > 0.5),
         "recorded": len(recorded),
         "distinct_annotations": len({e.annotation_ids[0] for e in recorded if e.annotation_ids}),
         "flood_seconds": round(flood_seconds, 1),
@@ -293,6 +305,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=25, help="/predict requests per client")
     parser.add_argument("--generate-every", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the /predict load")
     parser.add_argument("--pairs", type=int, default=300, help="annotated tasks for part 2")
     parser.add_argument("--steps", type=int, default=60, help="training steps in part 2")
     parser.add_argument("--webhooks", type=int, default=1000)
@@ -308,7 +321,9 @@ def main() -> None:
     }
     try:
         if not args.skip_predict:
-            result["predict"] = predict_load(workdir, args.requests, args.generate_every)
+            result["predict"] = predict_load(
+                workdir, args.requests, args.generate_every, args.rounds
+            )
             print(json.dumps({"predict": result["predict"]}, indent=2), flush=True)
         if not args.skip_flood:
             result["flood"] = flood_during_training(workdir, args.pairs, args.steps, args.webhooks)
