@@ -26,8 +26,8 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, Reque
 
 from ml_backend.backend import RLHFBackend
 from ml_backend.events import MAX_ID, EventError, EventLog, parse_project_id
-from ml_backend.jobs import JobScheduler, JobStore
 from ml_backend.results import InputError, TaskDataError, describe_type
+from ml_backend.scheduler import JobScheduler, JobStore
 from ml_backend.serving import ModelHolder
 from ml_backend.status_page import status
 from ml_backend.training_job import run_training

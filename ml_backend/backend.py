@@ -41,7 +41,7 @@ from training.registry import Registry
 from training.settings import Settings
 
 if TYPE_CHECKING:
-    from ml_backend.jobs import JobScheduler
+    from ml_backend.scheduler import JobScheduler
 
 log = logging.getLogger(__name__)
 

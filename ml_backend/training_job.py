@@ -21,8 +21,8 @@ from typing import Any
 
 from datasets import Dataset
 
-from ml_backend.jobs import Job, JobStore, execute_job
 from ml_backend.overoptimization import alarm_reasons, live_accuracy, previous_live_accuracy
+from ml_backend.scheduler import Job, JobStore, execute_job
 from training.datasets import HELD_OUT_FRACTION, MIN_PAIRS, preference_dataset, split_by_prompt
 from training.export import prompts_from_tasks, pull_export
 from training.feedback import parse_export

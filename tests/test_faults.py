@@ -20,7 +20,7 @@ from test_reliability import _project_with_annotations
 
 from ml_backend.events import EventLog
 from ml_backend.harness.label_studio_server import free_port
-from ml_backend.jobs import QUEUE_NAME
+from ml_backend.scheduler import QUEUE_NAME
 from training.registry import Registry
 
 pytestmark = pytest.mark.label_studio

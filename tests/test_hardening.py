@@ -9,7 +9,7 @@ from test_protocol import make_client, pairwise_task, predict
 
 import label_configs
 from ml_backend.events import EventLog
-from ml_backend.jobs import JobStore
+from ml_backend.scheduler import JobStore
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from ml_backend.events import EventLog
-from ml_backend.jobs import JobScheduler, JobStore, execute_job
+from ml_backend.scheduler import JobScheduler, JobStore, execute_job
 
 
 def annotation(project, i):

@@ -11,7 +11,7 @@ from conftest import add_reward_version, run_burst_worker
 from test_loop_label_studio import wait_for
 from test_reliability import _project_with_annotations, redis_url  # noqa: F401 - a fixture
 
-from ml_backend.jobs import Job
+from ml_backend.scheduler import Job
 from ml_backend.training_job import policy_step
 from training.finegrained import load_finegrained, to_label_studio_tasks
 from training.models import load_causal_lm

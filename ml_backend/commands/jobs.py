@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ml_backend.jobs import JobStore
+    from ml_backend.scheduler import JobStore
 
     settings = Settings.from_env()
     jobs = JobStore(settings.state_dir / "jobs.sqlite3").jobs(args.project)

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         from rq import Queue, Worker
     except ImportError:
         raise UserError("the queue needs redis and rq: pip install 'ls-rlhf[queue]'") from None
-    from ml_backend.jobs import QUEUE_NAME
+    from ml_backend.scheduler import QUEUE_NAME
 
     connection = Redis.from_url(settings.redis_url)
     worker = Worker([Queue(QUEUE_NAME, connection=connection)], connection=connection)
