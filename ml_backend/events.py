@@ -177,6 +177,19 @@ def summarize(payload: Any) -> tuple[str, int, int | None, tuple[int, ...]]:
     return action, project_id, (task_ids[0] if task_ids else None), annotation_ids
 
 
+def thread_connection(local: threading.local, path: Path, *pragmas: str) -> sqlite3.Connection:
+    """This thread's connection to the SQLite file `path` (a connection is not shared between
+    threads), opened on first use: autocommit, WAL, then `pragmas` (e.g. "synchronous=NORMAL")."""
+    db = getattr(local, "db", None)
+    if db is None:
+        db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        for pragma in pragmas:
+            db.execute(f"PRAGMA {pragma}")
+        local.db = db
+    return db
+
+
 class EventLog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -185,13 +198,7 @@ class EventLog:
         self._db().executescript(_SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-        return db
+        return thread_connection(self._local, self.path, "synchronous=NORMAL")
 
     def record(self, payload: Any) -> Event:
         action, project_id, task_id, annotation_ids = summarize(payload)

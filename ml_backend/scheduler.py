@@ -31,7 +31,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ml_backend.events import ANNOTATION_ACTIONS, TRAINING_ACTIONS, Event, EventLog
+from ml_backend.events import (
+    ANNOTATION_ACTIONS,
+    TRAINING_ACTIONS,
+    Event,
+    EventLog,
+    thread_connection,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +91,7 @@ class JobStore:
         self._db().executescript(_SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            self._local.db = db
-        return db
+        return thread_connection(self._local, self.path)
 
     def _rows(self, query: str, args: tuple = ()) -> list[Job]:
         rows = (
