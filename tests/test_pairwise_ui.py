@@ -80,3 +80,23 @@ def test_answers_side_by_side_and_the_tie_key_in_chromium(
     tasks, config = pull_export(label_studio.url, label_studio.token, project.id)
     (comparison,) = parse_export(tasks, config).of_type(Comparison)
     assert comparison.preferred is None  # the "t" key gave a tie
+
+
+def test_rating_answers_side_by_side_in_chromium(
+    page,  # noqa: F811 - the fixture imported from test_labeling_ui
+    make_project,
+    ls_client,
+    label_studio,
+    output_dir,
+):
+    project = make_project("rating")
+    ls_client.projects.import_tasks(id=project.id, request=[{"data": TASK}])
+    page.goto(f"{label_studio.url}/projects/{project.id}/data")
+    page.get_by_role("button", name="Label All Tasks").click()
+    page.get_by_text(TASK["answer1"]).first.wait_for(timeout=60_000)
+    a = page.get_by_text(TASK["answer1"]).first.bounding_box()
+    b = page.get_by_text(TASK["answer2"]).first.bounding_box()
+    assert a and b and b["x"] >= a["x"] + a["width"] and abs(a["y"] - b["y"]) < 40, (a, b)
+    # Each answer's criteria sit under it: two of each.
+    assert page.get_by_text("Helpful", exact=True).count() == 2
+    page.screenshot(path=str(output_dir / "rating-side-by-side.png"))
