@@ -41,8 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from training.registry import Registry
-    from training.reward_model import RewardModel
     from training.reward_eval import evaluate_reward
+    from training.reward_model import RewardModel
 
     settings = Settings.from_env()
     pairs, source, _flags = load_preference_pairs(args, settings)
