@@ -33,10 +33,11 @@ def add_source_arguments(parser: argparse.ArgumentParser, dataset_help: str) -> 
     )
 
 
-def load_feedback(
+def export_tasks(
     args: argparse.Namespace, settings: Settings
-) -> tuple[ParsedExport, list[dict], str, str]:
-    """(parsed records, raw tasks, label config, a description of the source)."""
+) -> tuple[list[dict], str, str] | None:
+    """(raw tasks, label config, a description of the source) from --project (pulled from
+    Label Studio) or --export with --config; None when neither is given."""
     import label_configs
 
     if args.project is not None:
@@ -45,8 +46,8 @@ def load_feedback(
             args.api_key or settings.label_studio_api_key,
             args.project,
         )
-        source = f"project {args.project}"
-    elif args.export:
+        return tasks, config, f"project {args.project}"
+    if args.export:
         if not args.config:
             raise UserError(
                 "--export needs --config (pairwise, ranking, ... or the project's .xml)"
@@ -55,11 +56,20 @@ def load_feedback(
             config = label_configs.load(args.config)
         except ValueError as err:
             raise UserError(str(err)) from None
-        tasks, source = read_export_file(args.export), Path(args.export).name
-    else:
+        return read_export_file(args.export), config, Path(args.export).name
+    return None
+
+
+def load_feedback(
+    args: argparse.Namespace, settings: Settings
+) -> tuple[ParsedExport, list[dict], str, str]:
+    """(parsed records, raw tasks, label config, a description of the source)."""
+    found = export_tasks(args, settings)
+    if found is None:
         raise UserError(
             "say where the feedback is: --project ID, --export FILE --config NAME, or --dataset DIR"
         )
+    tasks, config, source = found
     return parse_export(tasks, config), tasks, config, source
 
 

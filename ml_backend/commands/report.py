@@ -45,32 +45,20 @@ def reports_dir(settings: Settings) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    import label_configs
-    from training.export import pull_export, read_export_file
+    from ml_backend.commands._sources import export_tasks
     from training.quality import quality_report, write_report
     from training.registry import Registry
 
     settings = Settings.from_env()
-    if args.project is not None:
-        tasks, config = pull_export(
-            args.url or settings.label_studio_url,
-            args.api_key or settings.label_studio_api_key,
-            args.project,
-        )
-        name = f"project-{args.project}"
-    elif args.export:
-        if not args.config:
-            raise UserError(
-                "--export needs --config (pairwise, ranking, ... or the project's .xml)"
-            )
-        try:
-            config = label_configs.load(args.config)
-        except ValueError as err:
-            raise UserError(str(err)) from None
-        tasks = read_export_file(args.export)
-        name = f"export-{Path(args.export).stem}"
-    else:
+    found = export_tasks(args, settings)
+    if found is None:
         raise UserError("say what to report on: --project ID, or --export FILE --config NAME")
+    tasks, config, _ = found
+    name = (
+        f"project-{args.project}"
+        if args.project is not None
+        else f"export-{Path(args.export).stem}"
+    )
     report = quality_report(tasks, config, args.project, Registry(settings.registry_dir))
     folder = Path(args.out) if args.out else reports_dir(settings) / name
     written = write_report(report, folder)
