@@ -29,19 +29,10 @@ from label_studio_sdk import LabelStudio
 import label_configs
 from ml_backend.harness.backend_process import BackendServer
 from ml_backend.harness.label_studio_server import LABEL_STUDIO_VERSION, LabelStudioServer
+from ml_backend.harness.waiting import wait_until
 from training.finegrained import DEFAULT_PATH as DATA
 from training.finegrained import load_finegrained, to_label_studio_tasks
 from training.settings import Settings
-
-
-def wait(check, timeout: float, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"not done in {timeout:.0f} s")
 
 
 def run_size(
@@ -81,13 +72,13 @@ def run_size(
             json={"action": "START_TRAINING", "project": {"id": project.id}},
             timeout=5,
         )
-        wait(lambda: "reward-v1" in _get(f"{url}/health").get("model_version", ""), 1800, 0.5)
+        wait_until(lambda: "reward-v1" in _get(f"{url}/health").get("model_version", ""), 1800, 0.5)
         cold = time.monotonic() - started
 
         result = tasks[-1]["annotations"][0]["result"]
         started = time.monotonic()
         ls.annotations.create(id=last, result=result, ground_truth=False)
-        job = wait(
+        job = wait_until(
             lambda: next(
                 (
                     j
@@ -101,7 +92,9 @@ def run_size(
         job_done = time.monotonic() - started
         served = None
         if job["metrics"].get("promoted"):
-            wait(lambda: "reward-v2" in _get(f"{url}/health").get("model_version", ""), 60, 0.05)
+            wait_until(
+                lambda: "reward-v2" in _get(f"{url}/health").get("model_version", ""), 60, 0.05
+            )
             served = time.monotonic() - started
         return {"n": n, "cold": cold, "job_done": job_done, "served": served, "job": job}
     finally:

@@ -50,6 +50,7 @@ from ml_backend.harness.label_studio_server import (
     LabelStudioServer,
 )
 from ml_backend.harness.simulated_annotator import SimulatedAnnotator
+from ml_backend.harness.waiting import wait_until
 from training.finegrained import DEFAULT_PATH, finegrained_split, load_finegrained
 from training.judge import (
     HUMAN_AGREEMENT,
@@ -59,16 +60,6 @@ from training.judge import (
 )
 from training.registry import Registry
 from training.settings import Settings
-
-
-def wait(check, timeout: float, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"not done in {timeout:.0f} s")
 
 
 def _get(url: str) -> dict:
@@ -364,7 +355,7 @@ def main() -> None:
                         return job
                 return None
 
-            job = wait(finished, 3600)
+            job = wait_until(finished, 3600)
             metrics = job.get("metrics") or {}
             if job["state"] != "done":
                 raise RuntimeError(f"round {number}: job {job['state']}: {job.get('message')}")

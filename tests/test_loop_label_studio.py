@@ -8,19 +8,10 @@ import pytest
 import requests
 
 from ml_backend.cli import main as cli
+from ml_backend.harness.waiting import wait_until
 from training.finegrained import load_finegrained, to_label_studio_tasks
 
 pytestmark = pytest.mark.label_studio
-
-
-def wait_for(check, timeout=120.0, every=0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met in {timeout} s")
 
 
 def test_annotations_retrain_and_label_studio_sees_the_new_version(
@@ -55,12 +46,12 @@ def test_annotations_retrain_and_label_studio_sees_the_new_version(
     ls_client.annotations.create(
         id=task_id, result=task["annotations"][0]["result"], ground_truth=False
     )
-    job = wait_for(
+    job = wait_until(
         lambda: next(iter(requests.get(f"{backend.url}/jobs", timeout=5).json()["jobs"]), None),
         timeout=10,
     )
     assert job["reason"] == "10 annotation events"
-    done = wait_for(
+    done = wait_until(
         lambda: (
             (j := requests.get(f"{backend.url}/jobs/{job['id']}", timeout=5).json())["state"]
             in ("done", "failed")
@@ -71,7 +62,7 @@ def test_annotations_retrain_and_label_studio_sees_the_new_version(
     assert done["metrics"]["reward_version"] == "reward-v1" and done["metrics"]["pairs"] >= 8
 
     # The new version is served without a restart, and Label Studio adopts it from /setup.
-    version = wait_for(
+    version = wait_until(
         lambda: (
             (
                 v := requests.post(
@@ -90,7 +81,7 @@ def test_annotations_retrain_and_label_studio_sees_the_new_version(
         project=project.id,
         selected_items={"all": False, "included": rest},
     )
-    predictions = wait_for(
+    predictions = wait_until(
         lambda: (
             all(ls_client.predictions.list(task=t) for t in rest)
             and [ls_client.predictions.list(task=t)[0] for t in rest]
@@ -117,7 +108,7 @@ def test_start_training_button_and_promoting_through_extra_params(
     )
     for expected in ("reward-v1", "reward-v2"):
         ls_client.ml.train(id=ml.id)  # the "Start Training" button
-        wait_for(
+        wait_until(
             lambda e=expected: any(
                 j["metrics"].get("reward_version") == e
                 for j in requests.get(f"{backend.url}/jobs", timeout=5).json()["jobs"]
@@ -136,7 +127,7 @@ def test_start_training_button_and_promoting_through_extra_params(
         project=project.id,
         selected_items={"all": False, "included": task_ids},
     )
-    predictions = wait_for(
+    predictions = wait_until(
         lambda: (
             all(ls_client.predictions.list(task=t) for t in task_ids)
             and [ls_client.predictions.list(task=t)[0] for t in task_ids]
@@ -172,7 +163,7 @@ def test_the_loop_trains_the_policy_and_writes_the_next_round_of_tasks(
         json={"action": "START_TRAINING", "project": {"id": project.id}},
         timeout=5,
     )
-    job = wait_for(
+    job = wait_until(
         lambda: (
             (j := requests.get(f"{backend.url}/jobs", timeout=5).json()["jobs"][0])["state"]
             in ("done", "failed")
@@ -186,7 +177,7 @@ def test_the_loop_trains_the_policy_and_writes_the_next_round_of_tasks(
     tasks = list(ls_client.tasks.list(project=project.id))
     assert len(tasks) == before + 3
     assert sum(1 for t in tasks if t.data.get("policy_version") == "policy-v1") == 3
-    wait_for(
+    wait_until(
         lambda: (
             requests.get(f"{backend.url}/health", timeout=5).json().get("model_version")
             == "policy-v1+reward-v1"
@@ -233,7 +224,7 @@ def test_connect_with_a_secret_leaves_one_webhook_and_each_annotation_counts_onc
     ls_client.annotations.create(
         id=task_id, result=task["annotations"][0]["result"], ground_truth=False
     )
-    job = wait_for(
+    job = wait_until(
         lambda: next(iter(requests.get(f"{backend.url}/jobs", timeout=5).json()["jobs"]), None),
         timeout=10,
     )

@@ -4,7 +4,6 @@ policy lineage, served version, pins and jobs; a registry from before keeps work
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import requests
@@ -13,21 +12,12 @@ from test_protocol import make_client, pairwise_task
 
 import label_configs
 from ml_backend.cli import main as cli
+from ml_backend.harness.waiting import wait_until
 from training.finegrained import load_finegrained, to_label_studio_tasks
 from training.registry import Registry, lineage, lineages
 
 # Generous: the backend trains in its own worker thread meanwhile, on a shared machine.
 HTTP = 30
-
-
-def wait_for(check, timeout=120.0, every=0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met in {timeout} s")
 
 
 def test_a_registry_from_before_projects_is_its_projects_lineage(
@@ -127,7 +117,7 @@ def test_two_label_studio_projects_train_and_serve_without_disturbing_each_other
             timeout=HTTP,
         ).json()
         assert answer["job"], answer
-        job = wait_for(
+        job = wait_until(
             lambda: (
                 (j := requests.get(f"{backend.url}/jobs/{answer['job']}", timeout=HTTP).json())[
                     "state"
@@ -155,7 +145,7 @@ def test_two_label_studio_projects_train_and_serve_without_disturbing_each_other
             project=project.id,
             selected_items={"all": False, "included": ids},
         )
-        found = wait_for(
+        found = wait_until(
             lambda: (
                 all(ls_client.predictions.list(task=t) for t in ids)
                 and [ls_client.predictions.list(task=t)[0] for t in ids]
@@ -165,7 +155,7 @@ def test_two_label_studio_projects_train_and_serve_without_disturbing_each_other
         return {p.model_version for p in found}
 
     train(helpful, "reward-v1")
-    wait_for(lambda: served(helpful)["served"] == "policy-base+reward-v1", timeout=30)
+    wait_until(lambda: served(helpful)["served"] == "policy-base+reward-v1", timeout=30)
     assert served(harmless)["all"]["reward"] == []  # untouched by the other project's training
     assert predicted_versions(harmless) == {"policy-base+reward-none"}
     assert predicted_versions(helpful) == {"policy-base+reward-v1"}
@@ -176,8 +166,8 @@ def test_two_label_studio_projects_train_and_serve_without_disturbing_each_other
     # The gate compares v2 with helpful's own v1 on helpful's held-out pairs.
     assert second["metrics"].get("current_accuracy") is not None
     expected = "reward-v2" if second["metrics"]["promoted"] else "reward-v1"
-    wait_for(lambda: served(helpful)["served"] == f"policy-base+{expected}", timeout=30)
-    wait_for(lambda: served(harmless)["served"] == "policy-base+reward-v1", timeout=30)
+    wait_until(lambda: served(helpful)["served"] == f"policy-base+{expected}", timeout=30)
+    wait_until(lambda: served(harmless)["served"] == "policy-base+reward-v1", timeout=30)
     assert predicted_versions(harmless) == {"policy-base+reward-v1"}
     assert predicted_versions(helpful) == {f"policy-base+{expected}"}
 
