@@ -15,11 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from conftest import add_reward_version, start_redis_server
-from test_loop_label_studio import wait_for
 from test_reliability import _project_with_annotations
 
 from ml_backend.events import EventLog
 from ml_backend.harness.label_studio_server import free_port
+from ml_backend.harness.waiting import wait_until
 from ml_backend.scheduler import QUEUE_NAME
 from training.registry import Registry
 
@@ -127,7 +127,7 @@ def _train(backend, project_id: int) -> dict:
     ).json()
     job_id = answer["job"]
     assert isinstance(job_id, int), answer
-    return wait_for(
+    return wait_until(
         lambda: (
             (j := requests.get(f"{backend.url}/jobs/{job_id}", timeout=5).json())["state"]
             in ("done", "failed")
@@ -262,7 +262,7 @@ def test_redis_unreachable_when_a_job_is_queued_loses_nothing(
 
     client = start_redis()
     queue = Queue(QUEUE_NAME, connection=client)
-    wait_for(lambda: queue.count >= 1, timeout=60, every=0.2)
+    wait_until(lambda: queue.count >= 1, timeout=60, every=0.2)
     time.sleep(1.0)
     (queued,) = queue.jobs
     assert queued.args[0] == job_id and queue.count == 1

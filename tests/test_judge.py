@@ -12,10 +12,10 @@ import math
 
 import pytest
 import requests
-from test_loop_label_studio import wait_for
 
 from ml_backend.cli import main as cli
 from ml_backend.harness.simulated_annotator import SimulatedAnnotator
+from ml_backend.harness.waiting import wait_until
 from ml_backend.overoptimization import MIN_FRESH_PAIRS, alarm_reasons
 from training.datasets import preference_dataset
 from training.export import pull_export
@@ -224,7 +224,7 @@ def test_judged_annotations_train_the_loop_and_the_alarm_keeps_the_policy_out(
         c, r = judge.scores([prompt, prompt], [chosen, rejected])
         assert c >= r
 
-    job = wait_for(
+    job = wait_until(
         lambda: (
             (jobs := requests.get(f"{backend.url}/jobs", timeout=5).json()["jobs"])
             and jobs[0]["state"] in ("done", "failed")

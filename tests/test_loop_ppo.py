@@ -8,9 +8,9 @@ from dataclasses import asdict
 import requests
 import torch
 from conftest import add_reward_version, run_burst_worker
-from test_loop_label_studio import wait_for
 from test_reliability import _project_with_annotations, redis_url  # noqa: F401 - a fixture
 
+from ml_backend.harness.waiting import wait_until
 from ml_backend.scheduler import Job
 from ml_backend.training_job import policy_step
 from training.finegrained import load_finegrained, to_label_studio_tasks
@@ -95,12 +95,12 @@ def test_queued_jobs_reach_label_studio_with_the_access_setup_gave(
 
     # A dispatcher thread hands recorded jobs to Redis (so /webhook never waits on it).
     queue = Queue("ls-rlhf", connection=Redis.from_url(redis_url))
-    queued = wait_for(lambda: queue.jobs, timeout=30)
+    queued = wait_until(lambda: queue.jobs, timeout=30)
     assert len(queued) == 1 and label_studio.token not in queued[0].description
     worker = run_burst_worker(settings)
     assert worker.returncode == 0, worker.stderr[-2000:]
     assert label_studio.token not in worker.stdout + worker.stderr  # never in a log
-    wait_for(
+    wait_until(
         lambda: (
             requests.get(f"{backend.url}/jobs/{answer['job']}", timeout=5).json()["state"]
             in ("done", "failed")

@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from conftest import add_reward_version, run_burst_worker, start_redis_server
-from test_loop_label_studio import wait_for
 
 from ml_backend.events import EventLog
 from ml_backend.harness.label_studio_server import free_port
+from ml_backend.harness.waiting import wait_until
 from training.finegrained import load_finegrained, to_label_studio_tasks
 from training.registry import Registry
 
@@ -76,7 +76,7 @@ def test_sigkill_during_training_leaves_the_served_version_and_the_restart_finis
         json={"action": "START_TRAINING", "project": {"id": project.id}},
         timeout=5,
     )
-    wait_for(
+    wait_until(
         lambda: any(
             j["state"] == "running"
             for j in requests.get(f"{backend.url}/jobs", timeout=5).json()["jobs"]
@@ -96,7 +96,7 @@ def test_sigkill_during_training_leaves_the_served_version_and_the_restart_finis
         requests.get(f"{restarted.url}/health", timeout=5).json()["model_version"]
         == "policy-base+reward-v1"
     )
-    job = wait_for(
+    job = wait_until(
         lambda: (
             (j := requests.get(f"{restarted.url}/jobs", timeout=5).json()["jobs"][0])["state"]
             in ("done", "failed")
@@ -125,7 +125,7 @@ def test_a_training_that_raises_keeps_the_served_version_and_the_event_log(
     requests.post(
         f"{backend.url}/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}, timeout=5
     )
-    job = wait_for(
+    job = wait_until(
         lambda: (
             (j := requests.get(f"{backend.url}/jobs", timeout=5).json()["jobs"][0])["state"]
             in ("done", "failed")
@@ -183,7 +183,7 @@ def test_jobs_go_through_redis_to_a_separate_worker(
     assert worker.returncode == 0, worker.stderr[-2000:]
     job = requests.get(f"{backend.url}/jobs/{answer['job']}", timeout=5).json()
     assert job["state"] == "done", job
-    wait_for(
+    wait_until(
         lambda: (
             requests.get(f"{backend.url}/health", timeout=5).json().get("model_version")
             == "policy-base+reward-v1"
