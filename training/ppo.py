@@ -60,6 +60,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from training.distributed import on_main_process
 from training.generation import render_prompt
 
 log = logging.getLogger(__name__)
@@ -223,11 +224,24 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), x, 0).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (unbiased variance, as in TRL/N-details)."""
-    mean = masked_mean(x, mask)
+def _own(total: torch.Tensor) -> torch.Tensor:
+    return total
+
+
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    total: Callable[[torch.Tensor], torch.Tensor] = _own,
+) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (unbiased variance, as in TRL/N-details).
+
+    `total` turns this process's sums into the sums over all training processes (an
+    all-reduce), so that several processes whiten with the moments of the whole rollout."""
+    count = total(mask.sum())
+    mean = total(torch.where(mask.bool(), x, 0).sum()) / count.clamp(min=1)
     centered = x - mean
-    variance = masked_mean(centered**2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)
+    variance = total(torch.where(mask.bool(), centered**2, 0).sum()) / (count - 1).clamp(min=1)
     whitened = centered * torch.rsqrt(variance + 1e-8)
     return (whitened if shift_mean else whitened + mean) * mask
 
@@ -263,12 +277,23 @@ def kl_estimates(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> dict[str
     return {"k1": log_ratio, "k2": 0.5 * log_ratio**2, "k3": torch.expm1(-bounded) + bounded}
 
 
-def explained_variance(returns: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> float:
+def explained_variance(
+    returns: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    total: Callable[[torch.Tensor], torch.Tensor] = _own,
+) -> float:
     """1 - Var(returns - values) / Var(returns) over the masked tokens (as CleanRL and SB3):
-    how much of the returns' spread the values account for; a constant offset costs nothing."""
+    how much of the returns' spread the values account for; a constant offset costs nothing.
+    `total` sums across training processes (see `masked_whiten`)."""
+    count = total(mask.sum()).clamp(min=1)
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return total(torch.where(mask.bool(), x, 0).sum()) / count
+
     residual = returns - values
-    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
-    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    var_residual = mean((residual - mean(residual)) ** 2)
+    var_returns = mean((returns - mean(returns)) ** 2)
     return (1 - var_residual / var_returns.clamp(min=1e-8)).item()
 
 
@@ -515,9 +540,24 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(
             trainable, lr=config.learning_rate, eps=1e-5, weight_decay=0.0
         )
+        # Under `accelerate launch` this wraps the model for data parallelism (its gradients
+        # averaged across processes at every backward pass; rank 0's weights broadcast).
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         if self.reference is not None:
             self.reference = self.reference.to(self.accelerator.device)
+        world = self.accelerator.num_processes
+        if (
+            config.batch_size // config.samples_per_prompt
+        ) % world or config.mini_batch_size % world:
+            raise ValueError(
+                f"with {world} processes, the prompts per rollout (batch_size / "
+                f"samples_per_prompt = {config.batch_size // config.samples_per_prompt}) and "
+                f"mini_batch_size ({config.mini_batch_size}) must be multiples of {world}: each "
+                "process takes an equal share of both (raise --batch-size / --mini-batch-size)"
+            )
+        # batch_size and mini_batch_size count all processes' responses; each process samples
+        # its own share, with a seed of its own (one seed would make N copies of one rollout).
+        torch.manual_seed(config.seed + self.accelerator.process_index)
         self.kl = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.horizon)
         self.score_moments = RunningMoments()
         self.history: list[dict[str, float]] = []
@@ -648,7 +688,8 @@ class PPOTrainer:
         )
         final = scores
         if c.normalize_scores:
-            self.score_moments.update(scores)
+            # Every process's scores, so the running moments are the same in every process.
+            self.score_moments.update(self.accelerator.gather(scores))
             final = self.score_moments.normalize(scores)
         if c.samples_per_prompt > 1:
             final = leave_one_out_baseline(final, c.samples_per_prompt)
@@ -686,7 +727,8 @@ class PPOTrainer:
         # Bootstrap value / GAE.
         advantages = gae(r.rewards, r.values, mask, c.gamma, c.lam)
         returns = advantages + r.values
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, total=self._total)
+        world = self.accelerator.num_processes
 
         # Minibatch updates, in eval mode (no dropout: see the module's docstring).
         # Per-minibatch values under their metric names; each metric is their mean.
@@ -718,6 +760,13 @@ class PPOTrainer:
                     )
                     loss = loss + c.kl_loss_coef * kl_loss
                     stats["loss/kl"].append(kl_loss.item())
+                if world > 1:
+                    # The processes' gradients are averaged: each weighs its loss (a mean
+                    # over its tokens) by its share of the minibatch's tokens, so that the
+                    # average is the gradient of the mean over all the tokens, as one
+                    # process with the whole minibatch would compute it.
+                    tokens = m.sum()
+                    loss = loss * tokens * world / self._total(tokens).clamp(min=1)
                 self.optimizer.zero_grad()
                 self.accelerator.backward(loss)
                 if c.max_grad_norm > 0:
@@ -735,34 +784,65 @@ class PPOTrainer:
                 del logits
 
         kl = (kl_estimates(r.logprobs, r.ref_logprobs)["k1"] * mask).sum(1).mean().item()
-        metrics = {
+        local = {
             "objective/score": r.scores.mean().item(),
             "objective/kl": kl,
             "objective/kl_coef": self.kl.value,
             "objective/non_score_reward": (r.rewards.sum(1) - r.final_scores).mean().item(),
             **{name: sum(values) / len(values) for name, values in stats.items()},
-            "val/explained_variance": explained_variance(returns, r.values, mask),
+            "val/explained_variance": explained_variance(
+                returns, r.values, mask, total=self._total
+            ),
             "val/response_length": mask.sum(1).mean().item(),
             "time/seconds": time.perf_counter() - started,
         }
+        # One set of figures for the run: means over the processes (each holds as many
+        # responses, so a per-response mean of means is the mean over all of them).
+        metrics = self._mean_across(local)
         if c.adaptive_kl:
-            self.kl.update(kl, len(prompts))
+            # The KL of all processes' responses, counted as all of them: every process's
+            # controller takes the same step.
+            self.kl.update(metrics["objective/kl"], len(prompts) * world)
         self.history.append(metrics)
         return metrics
+
+    def _total(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of `value` over the training processes (itself with one process)."""
+        if self.accelerator.num_processes == 1:
+            return value
+        return self.accelerator.reduce(value, reduction="sum")
+
+    def _mean_across(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.accelerator.num_processes == 1:
+            return metrics
+        names = sorted(metrics)  # the same names in every process
+        values = torch.tensor(
+            [metrics[n] for n in names], dtype=torch.float64, device=self.accelerator.device
+        )
+        reduced = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(names, reduced.tolist(), strict=True))
 
     def train(
         self, prompts: Sequence[str], progress: Callable[[float], None] | None = None
     ) -> list[dict[str, float]]:
-        """`updates` PPO updates, cycling through the prompts in batches."""
+        """`updates` PPO updates, cycling through the prompts in batches; with several
+        processes, each takes its consecutive share of every batch."""
         c = self.config
-        generator = torch.Generator().manual_seed(c.seed)
+        generator = torch.Generator().manual_seed(c.seed)  # the same order in every process
         order = torch.randperm(len(prompts), generator=generator).tolist()
-        bar = tqdm(range(c.updates), desc="ppo", unit="update")
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        bar = tqdm(
+            range(c.updates),
+            desc="ppo",
+            unit="update",
+            disable=not self.accelerator.is_main_process,
+        )
         for update in bar:
             n = c.batch_size // c.samples_per_prompt
             start = (update * n) % len(order)
             batch = [prompts[order[(start + i) % len(order)]] for i in range(n)]
-            metrics = self.step(batch)
+            share = n // world
+            metrics = self.step(batch[rank * share : (rank + 1) * share])
             bar.set_postfix(
                 score=f"{metrics['objective/score']:.3f}", kl=f"{metrics['objective/kl']:.3f}"
             )
@@ -807,24 +887,31 @@ def plot_history(history: list[dict[str, float]], path: Path) -> Path:
 def save_policy_version(
     trainer: PPOTrainer, registry, metadata: dict[str, Any], promote: bool = True
 ):
-    """Commit the trained policy as a new registry version with its curves and metrics."""
-    with registry.stage("policy") as staged:
-        trainer.policy_for_saving().save_pretrained(staged)
-        trainer.tokenizer.save_pretrained(staged)
-        plot_history(trainer.history, staged / "training_curves.png")
-        last = trainer.history[-1] if trainer.history else {}
-        return registry.commit(
-            "policy",
-            staged,
-            {
-                "algorithm": "ppo",
-                "config": asdict(trainer.config),
-                "metrics": last,
-                "history": trainer.history,
-                **metadata,
-            },
-            promote=promote,
-        )
+    """Commit the trained policy as a new registry version with its curves and metrics;
+    with several processes, the main process commits and every process returns its version
+    (the weights are the same in all: their gradients were averaged)."""
+
+    def commit():
+        with registry.stage("policy") as staged:
+            trainer.policy_for_saving().save_pretrained(staged)
+            trainer.tokenizer.save_pretrained(staged)
+            plot_history(trainer.history, staged / "training_curves.png")
+            last = trainer.history[-1] if trainer.history else {}
+            return registry.commit(
+                "policy",
+                staged,
+                {
+                    "algorithm": "ppo",
+                    "config": asdict(trainer.config),
+                    "metrics": last,
+                    "history": trainer.history,
+                    "processes": trainer.accelerator.num_processes,
+                    **metadata,
+                },
+                promote=promote,
+            )
+
+    return on_main_process(commit)
 
 
 def train_policy_version(

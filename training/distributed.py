@@ -1,0 +1,75 @@
+"""Training with several processes (`accelerate launch`): who writes, and who waits.
+
+Under `accelerate launch --num_processes N` every process runs the same command: the
+trainers (TRL's, and PPO's own loop through `accelerate.Accelerator`) shard the data and
+synchronize gradients, and everything that writes outside the process (a registry version,
+a promotion) runs on the main process alone, through `on_main_process`, while the others
+wait for what it returns. One process is the plain case: nothing here starts a process
+group, and `on_main_process(fn)` is `fn()`.
+
+On a machine without CUDA, `accelerate launch --num_processes 2 --cpu` starts ONE process
+unless MPI is installed (accelerate's multi-CPU launcher is mpirun); what starts N processes
+over gloo is `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`
+(torchrun's launcher, CPU devices), which the tests use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def num_processes() -> int:
+    """Processes in this run (WORLD_SIZE, which torchrun and accelerate set); 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _state() -> Any:
+    import torch
+    from accelerate import PartialState
+
+    # The process group the trainers share (accelerate's state is one per process).
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def process_index() -> int:
+    """This process's rank (0 is the main process)."""
+    return 0 if num_processes() == 1 else int(_state().process_index)
+
+
+def is_main_process() -> bool:
+    return num_processes() == 1 or bool(_state().is_main_process)
+
+
+def wait_for_everyone() -> None:
+    if num_processes() > 1:
+        _state().wait_for_everyone()
+
+
+class MainProcessFailed(RuntimeError):
+    """What the other processes raise when the main process's part failed."""
+
+
+def on_main_process(fn: Callable[[], T]) -> T:
+    """Run `fn` on the main process only; every process returns its result (picklable:
+    a registry Version, a dict). An exception on the main process is raised there and, as
+    MainProcessFailed with its message, on the others, so that none waits forever."""
+    if num_processes() == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    payload: list[Any] = [None]
+    if is_main_process():
+        try:
+            payload[0] = ("ok", fn())
+        except BaseException as err:
+            broadcast_object_list([("error", f"{type(err).__name__}: {err}")], from_process=0)
+            raise
+    broadcast_object_list(payload, from_process=0)
+    status, value = payload[0]
+    if status == "error":
+        raise MainProcessFailed(f"the main process failed: {value}")
+    return value
