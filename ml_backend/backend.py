@@ -83,9 +83,11 @@ class RLHFBackend:
         self.scheduler: JobScheduler | None = None  # set by the app
         # What Label Studio told /setup per project: where it is and a token to call it back.
         self.label_studio_access: dict[int, tuple[str, str]] = {}
-        # Keeps each project's model_version (what uncertainty sampling reads) on the served one.
+        # Keeps each project's model_version (what uncertainty sampling reads) on the version
+        # its own lineage serves.
         self.follower = VersionFollower(
-            self._label_studio_client, lambda: holder.model_version if holder.ready else None
+            self._label_studio_client,
+            lambda project: holder.model_version_for(project) if holder.ready else None,
         )
         self.stats = {
             "predict_requests": 0,

@@ -8,6 +8,9 @@ project carries yet, so the project can only follow a new version once predictio
 exist. `VersionFollower` does both halves: when a new version is served it asks Label
 Studio to re-predict the unlabeled tasks (only for projects that sample by uncertainty),
 and once predictions of the served version exist it sets the project's `model_version`.
+
+With several projects each has its own lineage and so its own served version: each project
+is watched, re-predicted and set by its own version, never by another project's.
 """
 
 from __future__ import annotations
@@ -64,16 +67,18 @@ def turn_on_uncertainty_sampling(
 
 
 class VersionFollower:
-    """Keeps each known project's `model_version` on the version the backend serves.
+    """Keeps each known project's `model_version` on the version the backend serves it.
 
     `client_for(project_id)` gives a Label Studio client (or None when the backend has no
-    access). Work happens in background threads: the callers are request handlers.
+    access); `served_version(project_id)` the version that project's lineage serves now
+    (None while nothing is loaded). Work happens in background threads: the callers are
+    request handlers.
     """
 
     def __init__(
         self,
         client_for: Callable[[int], Any | None],
-        served_version: Callable[[], str | None],
+        served_version: Callable[[int], str | None],
         delay: float = 1.0,
         attempts: int = 10,
     ) -> None:
@@ -135,17 +140,15 @@ class VersionFollower:
             with self._lock:
                 self._pending.discard((project_id, model_version))
 
-    def version_changed(self, model_version: str) -> None:
-        """A new version is served: projects that sample by uncertainty get it predicted."""
-        with self._lock:
-            projects = sorted(self.projects)
-        for project_id in projects:
-            threading.Thread(
-                target=self._repredict,
-                args=(project_id, model_version),
-                name=f"repredict-{project_id}",
-                daemon=True,
-            ).start()
+    def version_changed(self, project_id: int, model_version: str) -> None:
+        """The project's lineage serves a new version: if the project samples by uncertainty,
+        its unlabeled tasks get predicted by it."""
+        threading.Thread(
+            target=self._repredict,
+            args=(project_id, model_version),
+            name=f"repredict-{project_id}",
+            daemon=True,
+        ).start()
 
     def _repredict(self, project_id: int, model_version: str) -> None:
         try:
@@ -175,16 +178,30 @@ class VersionFollower:
             )
 
     def watch(self, interval: float = 2.0) -> None:
-        """Poll the served version; call `version_changed` when it moves."""
+        """Poll each known project's served version; call `version_changed` when one moves.
+        A project's first sighting only records its version: the version it connected with
+        is set through `predictions_made`."""
 
         def loop() -> None:
-            last = self.served_version()
+            last: dict[int, str] = {}
             while True:
                 time.sleep(interval)
-                now = self.served_version()
-                if now and now != last:
-                    if last is not None:
-                        self.version_changed(now)
-                    last = now
+                with self._lock:
+                    projects = sorted(self.projects)
+                for project_id in projects:
+                    try:
+                        now = self.served_version(project_id)
+                    except Exception as err:  # noqa: BLE001 - a damaged lineage: try again later
+                        log.warning(
+                            "project %d: reading its served version failed (%s)",
+                            project_id,
+                            type(err).__name__,
+                        )
+                        continue
+                    if not now:
+                        continue
+                    before, last[project_id] = last.get(project_id), now
+                    if before is not None and now != before:
+                        self.version_changed(project_id, now)
 
         threading.Thread(target=loop, name="version-follower", daemon=True).start()

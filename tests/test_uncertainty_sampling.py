@@ -4,6 +4,8 @@ on one reward version, then on the next one after it is served."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import requests
 from test_labeling_ui import page  # noqa: F401 - the Chromium fixture
@@ -11,7 +13,7 @@ from test_labeling_ui import page  # noqa: F401 - the Chromium fixture
 from ml_backend.cli import main as cli
 from ml_backend.harness.waiting import wait_until
 from ml_backend.sampling import UNCERTAINTY_SAMPLING
-from training.registry import Registry
+from training.registry import Registry, lineage
 
 pytestmark = pytest.mark.label_studio
 
@@ -34,13 +36,14 @@ TASKS = [
 ]
 
 
-def add_different_reward_version(settings, backbone_dir, seed: int):
-    """A second reward version whose scores differ: the tiny classifier with its head redrawn."""
+def add_different_reward_version(settings, backbone_dir, seed: int, registry=None):
+    """A reward version whose scores differ: the tiny classifier with its head redrawn,
+    promoted in `registry` (a project's lineage; the registry root by default)."""
     import torch
 
     from training.models import load_sequence_classifier
 
-    registry = Registry(settings.registry_dir)
+    registry = registry or Registry(settings.registry_dir)
     model, tokenizer = load_sequence_classifier(str(backbone_dir))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -256,3 +259,79 @@ def test_label_all_tasks_in_chromium_starts_with_the_least_certain(
         submit.click()  # the suggestion, pre-filled, as it is
         page.get_by_text(prompt).first.wait_for(state="detached", timeout=30_000)
     assert shown == by_score[:2], shown
+
+
+def test_each_project_follows_its_own_lineages_version(
+    backend32, make_project, ls_client, tiny_reward_backbone_dir, capsys
+):
+    """Two projects on one backend: the first to connect owns the registry root, the second
+    has its own lineage. A version promoted in one lineage moves only that project's
+    model_version (and re-predicts only its tasks); the other keeps its own, never the
+    root's label."""
+    settings, backend = backend32
+    for seed in (3, 4):  # the root serves reward-v2, so no label is shared by chance
+        add_different_reward_version(settings, tiny_reward_backbone_dir, seed)
+    root_v2 = "policy-base+reward-v2"
+    wait_until(
+        lambda: (
+            requests.get(f"{backend.url}/health", timeout=5).json().get("model_version") == root_v2
+        ),
+        60,
+        what=f"the backend does not serve {root_v2}",
+    )
+    owner, other = make_project("pairwise"), make_project("pairwise")
+    ids = {}
+    for project, tasks in ((owner, TASKS[:3]), (other, TASKS[3:])):
+        ids[project.id] = ls_client.projects.import_tasks(
+            id=project.id, request=[{"data": t} for t in tasks], return_task_ids=True
+        ).task_ids
+        assert cli(["connect", "--project", str(project.id), "--backend-url", backend.url]) == 0
+    said = capsys.readouterr().out
+    # connect names each project's own served version, not the root's for both.
+    (sampling_line,) = [
+        line for line in said.splitlines() if f"project {other.id}: sampling" in line
+    ]
+    assert "policy-base+reward-none" in sampling_line and root_v2 not in sampling_line, said
+    assert lineage(settings.registry_dir, owner.id).root == settings.registry_dir
+    other_lineage = lineage(settings.registry_dir, other.id)
+    assert other_lineage.root != settings.registry_dir
+
+    def model_version(project):
+        return ls_client.projects.get(id=project.id).model_version
+
+    def follows(project, version):
+        wait_until(
+            lambda: model_version(project) == version,
+            60,
+            what=f"project {project.id}'s model_version did not become {version} "
+            f"(it is {model_version(project)!r})",
+        )
+
+    def versions_predicted(project):
+        return sorted(
+            p.model_version for t in ids[project.id] for p in ls_client.predictions.list(task=t)
+        )
+
+    for project in (owner, other):
+        ls_client.actions.create(
+            id="retrieve_tasks_predictions",
+            project=project.id,
+            selected_items={"all": False, "included": ids[project.id]},
+        )
+    follows(owner, root_v2)
+    follows(other, "policy-base+reward-none")
+
+    # A retrain of the second project only: its lineage gets its own v1.
+    add_different_reward_version(settings, tiny_reward_backbone_dir, seed=5, registry=other_lineage)
+    follows(other, "policy-base+reward-v1")
+    assert model_version(owner) == root_v2
+    assert set(versions_predicted(owner)) == {root_v2}  # not re-predicted for the other's version
+
+    # A retrain of the root's project: the owner follows; the other is left alone.
+    add_different_reward_version(settings, tiny_reward_backbone_dir, seed=6)
+    follows(owner, "policy-base+reward-v3")
+    before = versions_predicted(other)
+    time.sleep(5)  # the watcher polls every 2 s: time enough for a wrong re-predict to land
+    assert versions_predicted(other) == before
+    assert set(before) == {"policy-base+reward-none", "policy-base+reward-v1"}
+    assert model_version(other) == "policy-base+reward-v1"

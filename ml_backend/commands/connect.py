@@ -91,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
         _ensure_webhook(ls, args.project, f"{backend_url}/webhook", settings)
         print(
             turn_on_uncertainty_sampling(
-                ls, args.project, _served_version(backend_url, settings), not args.keep_sampling
+                ls,
+                args.project,
+                _served_version(backend_url, settings, args.project),
+                not args.keep_sampling,
             )
         )
     except UserError:
@@ -101,9 +104,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _served_version(backend_url: str, settings: Settings) -> str | None:
-    """The model version the backend's predictions carry (its /health), or None while it loads
-    (the backend then sets the project's version itself once it has predicted)."""
+def _served_version(backend_url: str, settings: Settings, project_id: int) -> str | None:
+    """The model version the backend's predictions for the project carry (its lineage's, from
+    /versions; not /health's, which is the root lineage's), or None while it loads (the backend
+    then sets the project's version itself once it has predicted)."""
     import requests
 
     auth = (
@@ -112,9 +116,11 @@ def _served_version(backend_url: str, settings: Settings) -> str | None:
         else None
     )
     try:
-        answer = requests.get(f"{backend_url}/health", auth=auth, timeout=10)
+        answer = requests.get(
+            f"{backend_url}/versions", params={"project": project_id}, auth=auth, timeout=10
+        )
         answer.raise_for_status()
-        return answer.json().get("model_version")
+        return answer.json().get("served")
     except (requests.RequestException, ValueError):
         return None
 

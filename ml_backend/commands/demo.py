@@ -165,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
             turn_on_uncertainty_sampling(
                 ls,
                 project.id,
-                _served_version(backend_url, env_settings),
+                _served_version(backend_url, env_settings, project.id),
                 sampling=not args.keep_sampling,
             ),
             flush=True,
