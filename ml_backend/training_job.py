@@ -182,6 +182,7 @@ def policy_step(
             "policy_version": version.label,
             "policy_train_loss": version.metadata["metrics"]["train_loss"],
         }
+    from training.engine import engine_from_settings
     from training.ppo import PPOConfig, train_policy_version
     from training.reward import RewardModel
 
@@ -206,6 +207,7 @@ def policy_step(
         {**metadata, "reward_version": reward_version.label, **live},
         reference=resolve_policy(settings.policy_model, settings.models_cache_dir),
         promote=False,  # only once the alarm below has nothing to say
+        engine=engine_from_settings(settings),
     )
     first, last = history[0]["objective/score"], history[-1]["objective/score"]
     kl = history[-1]["objective/kl"]

@@ -9,10 +9,13 @@ tokenizer's chat template when it has one. Results come back in prompt order.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from training.engine import VLLMEngine
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
@@ -39,12 +42,29 @@ def generate_completions(
     seed: int | None = None,
     min_new_tokens: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    engine: VLLMEngine | None = None,
 ) -> list[list[str]]:
     """`num_completions` completions for each prompt, in prompt order.
 
     `on_batch(n)` is called after each batch with the number of prompts done, for
-    progress reporting.
+    progress reporting. With an `engine` (training/engine.py) the vLLM server
+    samples, and it must already serve `model`'s weights (VLLMEngine.serve_folder or
+    serve_model): the prompts are rendered and tokenized, and the answers decoded, here.
     """
+    if engine is not None:
+        return _engine_completions(
+            engine,
+            tokenizer,
+            prompts,
+            num_completions,
+            max_new_tokens,
+            temperature,
+            top_p,
+            batch_size,
+            seed,
+            min_new_tokens,
+            on_batch,
+        )
     if seed is not None:
         torch.manual_seed(seed)
     tokenizer.padding_side = "left"
@@ -73,6 +93,45 @@ def generate_completions(
             results.append(
                 [t.strip() for t in texts[i * num_completions : (i + 1) * num_completions]]
             )
+        if on_batch:
+            on_batch(len(results))
+    return results
+
+
+def _engine_completions(
+    engine: VLLMEngine,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    num_completions: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    seed: int | None,
+    min_new_tokens: int | None,
+    on_batch: Callable[[int], None] | None,
+) -> list[list[str]]:
+    results: list[list[str]] = []
+    eos = tokenizer.eos_token_id
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        ids = [
+            tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
+            for p in chunk
+        ]
+        sampled = engine.sample(
+            ids,
+            num_completions,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed=None if seed is None else seed + start * num_completions,
+            min_new_tokens=min_new_tokens,
+            stop_token_ids=[] if eos is None else [eos],
+        )
+        for answers in sampled:
+            texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+            results.append([t.strip() for t in texts])
         if on_batch:
             on_batch(len(results))
     return results

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from training.generation import generate_completions, render_prompt
+
+if TYPE_CHECKING:
+    from training.engine import VLLMEngine
 
 
 @dataclass
@@ -80,21 +84,38 @@ def _answer_logprob(
 
 
 def evaluate_policy(
-    policy, reference, tokenizer, score, prompts: list[str], max_new_tokens: int = 64, seed: int = 0
+    policy,
+    reference,
+    tokenizer,
+    score,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    engine: VLLMEngine | None = None,
 ) -> PolicyEvaluation:
-    """`score(prompts, answers) -> rewards` is a reward version's scorer."""
-    policy_answers = [
-        c[0]
-        for c in generate_completions(
-            policy, tokenizer, prompts, 1, max_new_tokens, temperature=0.7, seed=seed
-        )
-    ]
-    reference_answers = [
-        c[0]
-        for c in generate_completions(
-            reference, tokenizer, prompts, 1, max_new_tokens, temperature=0.7, seed=seed
-        )
-    ]
+    """`score(prompts, answers) -> rewards` is a reward version's scorer. With an `engine`
+    both answer sets are sampled by it, given each model's weights in turn (the same
+    engine for both, so the comparison is not one of engines)."""
+
+    def answers(model) -> list[str]:
+        if engine is not None:
+            engine.serve_model(model)
+        return [
+            c[0]
+            for c in generate_completions(
+                model,
+                tokenizer,
+                prompts,
+                1,
+                max_new_tokens,
+                temperature=0.7,
+                seed=seed,
+                engine=engine,
+            )
+        ]
+
+    policy_answers = answers(policy)
+    reference_answers = answers(reference)
     return PolicyEvaluation(
         prompts=prompts,
         policy_answers=policy_answers,

@@ -48,6 +48,7 @@ import contextlib
 import copy
 import logging
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -502,13 +503,18 @@ class PPOTrainer:
         reward_fn: RewardFn,
         config: PPOConfig,
         reference: nn.Module | None = None,
+        engine: Any | None = None,
     ) -> None:
         """`reference`: the model the KL terms hold the policy to; by default the policy as
-        it starts (a frozen copy, or with LoRA the policy with its adapters disabled)."""
+        it starts (a frozen copy, or with LoRA the policy with its adapters disabled).
+        `engine`: a training.engine.VLLMEngine that samples the rollouts (given the
+        policy's weights before each), instead of `generate` in this process."""
         from accelerate import Accelerator
 
         torch.manual_seed(config.seed)
         self.config, self.tokenizer, self.reward_fn = config, tokenizer, reward_fn
+        self.engine, self._engine_run = engine, uuid.uuid4().hex[:8]
+        self.engine_seconds = 0.0  # the last rollout's weight reload, when an engine samples
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         _check_float32(policy, "policy")
         if reference is not None:
@@ -638,10 +644,14 @@ class PPOTrainer:
             output_logits=True,
             output_hidden_states=True,
         )
-        with plain_generation_config(policy), self._autocast():
-            output = policy.generate(**queries, generation_config=sampling)
         q_len = queries["input_ids"].shape[1]
-        responses = output.sequences[:, q_len:]
+        output = None
+        if self.engine is not None:
+            responses = self._engine_responses(queries)
+        else:
+            with plain_generation_config(policy), self._autocast():
+                output = policy.generate(**queries, generation_config=sampling)
+            responses = output.sequences[:, q_len:]
         # Keep tokens up to and including the first eos; what follows is padding.
         is_eos = responses == tok.eos_token_id
         ended = is_eos.any(dim=1)
@@ -657,9 +667,10 @@ class PPOTrainer:
         input_ids = torch.cat([queries["input_ids"], response_ids], dim=1)
         r_len = response_ids.shape[1]
 
-        if c.bf16:
+        if c.bf16 or output is None:
             # In bfloat16 the cached generation pass and a full forward pass round
             # differently; the update runs the latter, so the old log-probs and values do too.
+            # So with an engine: it gave token ids only, and the trainer's own model scores them.
             with self._autocast():
                 logits, values = self.model(input_ids, attention_mask, r_len)
             logprobs = self._logprobs(logits, response_ids)
@@ -713,6 +724,32 @@ class PPOTrainer:
             final,
             texts,
         )
+
+    def _engine_responses(self, queries) -> torch.Tensor:
+        """The responses' token ids sampled by the engine, once it serves this update's
+        weights (saved and reloaded: `engine_seconds`), right-padded to the longest."""
+        c, tok, engine = self.config, self.tokenizer, self.engine
+        assert engine is not None  # called only when one samples
+        label = f"ppo:{self._engine_run}:{len(self.history)}"
+        self.engine_seconds = engine.serve_model(self.policy_for_saving(), label)
+        prompt_ids = [
+            ids[mask.bool()].tolist()
+            for ids, mask in zip(queries["input_ids"], queries["attention_mask"], strict=True)
+        ]
+        sampled = engine.sample(
+            prompt_ids,
+            1,
+            c.max_new_tokens,
+            c.temperature,
+            top_p=1.0,
+            seed=(c.seed * 1_000_003 + len(self.history) * len(prompt_ids)),
+            stop_token_ids=[tok.eos_token_id],
+        )
+        rows = [answers[0] or [tok.pad_token_id] for answers in sampled]
+        responses = torch.full((len(rows), max(map(len, rows))), tok.pad_token_id)
+        for i, row in enumerate(rows):
+            responses[i, : len(row)] = torch.tensor(row)
+        return responses.to(self.accelerator.device)
 
     def step(self, prompts: Sequence[str]) -> dict[str, float]:
         """One PPO update on a batch of prompts (each sampled `samples_per_prompt` times);
@@ -795,6 +832,7 @@ class PPOTrainer:
             ),
             "val/response_length": mask.sum(1).mean().item(),
             "time/seconds": time.perf_counter() - started,
+            **({"time/engine_reload_seconds": self.engine_seconds} if self.engine else {}),
         }
         # One set of figures for the run: means over the processes (each holds as many
         # responses, so a per-response mean of means is the mean over all of them).
@@ -923,6 +961,7 @@ def train_policy_version(
     metadata: dict[str, Any],
     reference: str | None = None,
     promote: bool = True,
+    engine: Any | None = None,
 ):
     """The one PPO run of `ls-rlhf train ppo` and the loop's policy step: load the policy at
     `start` (and the `reference` to hold it to, when that is another model), train, commit a
@@ -933,7 +972,7 @@ def train_policy_version(
     anchor = None
     if reference is not None and reference != start:
         anchor, _ = load_causal_lm(reference)
-    trainer = PPOTrainer(model, tokenizer, reward_fn, config, reference=anchor)
+    trainer = PPOTrainer(model, tokenizer, reward_fn, config, reference=anchor, engine=engine)
     history = trainer.train(prompts)
     version = save_policy_version(
         trainer,

@@ -127,6 +127,23 @@ class Settings:
         },
     )
     seed: int = field(default=0, metadata={"help": "Random seed for sampling and training."})
+    generation_engine: str = field(
+        default="hf",
+        metadata={
+            "help": "Where task generation, policy evaluation and PPO rollouts sample: hf "
+            "(transformers' generate in this process) or vllm (the vLLM server at "
+            "LS_RLHF_VLLM_URL, given each new policy's weights as they are made; `make vllm` "
+            "installs it, `ls-rlhf vllm` starts it)."
+        },
+    )
+    vllm_url: str = field(
+        default="http://127.0.0.1:8000",
+        metadata={
+            "help": "Base URL of the vLLM server of generation_engine=vllm. It must read the "
+            "folders this process writes new weights to (under home): the same machine or a "
+            "shared volume."
+        },
+    )
     basic_auth_user: str = field(
         default="",
         metadata={"help": "If set with the password, every route needs HTTP Basic auth."},
@@ -269,6 +286,10 @@ class Settings:
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise SettingsError(
                 f"{ENV_PREFIX}DTYPE must be auto, float32 or bfloat16, not {self.dtype!r}"
+            )
+        if self.generation_engine not in ("hf", "vllm"):
+            raise SettingsError(
+                f"{ENV_PREFIX}GENERATION_ENGINE must be hf or vllm, not {self.generation_engine!r}"
             )
         if self.reward_method not in ("auto", "probe", "finetune"):
             raise SettingsError(

@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ml_backend.serving import BASE_POLICY_LABEL
     from ml_backend.tasks import PromptFileError, read_prompts
+    from training.engine import engine_from_settings
     from training.models import load_causal_lm, resolve_policy
     from training.policy_eval import evaluate_policy, write_policy_report
     from training.registry import Registry
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         prompts,
         settings.max_new_tokens,
         settings.seed,
+        engine=engine_from_settings(settings),
     )
     out = Path(args.out)
     report = write_policy_report(

@@ -102,6 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ml_backend.tasks import PromptFileError, read_prompts
+    from training.engine import engine_from_settings
     from training.export import prompts_from_tasks, pull_export
     from training.models import resolve_policy
     from training.ppo import PPOConfig, RewardFn, train_policy_version
@@ -118,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         config = PPOConfig(**given, seed=settings.seed)
     except ValueError as err:
         raise UserError(str(err)) from None
+    engine = engine_from_settings(settings)  # a vLLM server asked for must answer now
     if args.prompts:
         try:
             prompts = read_prompts(args.prompts)
@@ -164,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         {"reward_version": reward_version.label, "parent": parent, "prompts": len(prompts)},
         reference=reference,
         promote=not args.no_promote,
+        engine=engine,
     )
     first, last = history[0], history[-1]
     print(
