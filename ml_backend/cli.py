@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 
@@ -67,8 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet = _another_training_process()
+    if quiet:
+        _quiet()
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.WARNING if quiet else logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
@@ -81,6 +85,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _another_training_process() -> bool:
+    """Whether this is a process of `accelerate launch` other than the main one (RANK is set
+    by torchrun and MPI launchers alike, before any process group exists)."""
+    return os.environ.get("RANK", "0") != "0"
+
+
+def _quiet() -> None:
+    """The main process speaks for the run: the others print nothing to stdout, show no
+    progress bars and log warnings only (errors still reach stderr)."""
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

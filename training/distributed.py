@@ -73,3 +73,28 @@ def on_main_process(fn: Callable[[], T]) -> T:
     if status == "error":
         raise MainProcessFailed(f"the main process failed: {value}")
     return value
+
+
+def from_main_process(value: T) -> T:
+    """The main process's `value`, in every process (a broadcast): for decisions every
+    process must take alike, such as stopping a run on the main process's clock."""
+    if num_processes() == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    shared: list[Any] = [value]
+    broadcast_object_list(shared, from_process=0)
+    return shared[0]
+
+
+def mean_over_processes(value: float) -> float:
+    """The mean of `value` over the processes (an all-reduce; every process must call it):
+    for figures a trainer reports per process, such as transformers' `training_loss`, which
+    holds the main process's share of the batches alone."""
+    if num_processes() == 1:
+        return value
+    import torch
+    from accelerate.utils import reduce
+
+    tensor = torch.tensor([value], dtype=torch.float64, device=_state().device)
+    return float(reduce(tensor, reduction="mean").item())

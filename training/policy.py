@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
+from training.distributed import mean_over_processes, num_processes, on_main_process
 from training.generation import render_prompt
 from training.registry import Registry, Version
 from training.settings import Settings, report_to
@@ -109,12 +110,24 @@ def fit_with_trl(
             model=model, args=args, train_dataset=data, processing_class=tokenizer
         )
         result = trainer.train()
-    metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step}
-    return commit_policy(
-        model,
-        tokenizer,
-        registry,
-        {"config": asdict(settings), "metrics": metrics, **metadata},
-        promote,
-        trainer.state.log_history,
+    # Under `accelerate launch` the trainer's loss is the main process's batches' alone:
+    # averaged over the processes here; the main process commits, every process returns it.
+    metrics = {
+        "train_loss": mean_over_processes(result.training_loss),
+        "steps": trainer.state.global_step,
+    }
+    return on_main_process(
+        lambda: commit_policy(
+            model,
+            tokenizer,
+            registry,
+            {
+                "config": asdict(settings),
+                "metrics": metrics,
+                "processes": num_processes(),
+                **metadata,
+            },
+            promote,
+            trainer.state.log_history,
+        )
     )

@@ -48,6 +48,12 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
+from training.distributed import (
+    from_main_process,
+    is_main_process,
+    mean_over_processes,
+    num_processes,
+)
 from training.models import load_backbone, load_sequence_classifier
 from training.precision import resolve_dtype
 from training.registry import Registry, Version
@@ -346,7 +352,9 @@ class _TimeBudget(TrainerCallback):
         self.started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.perf_counter() - self.started >= self.seconds:
+        # On the main process's clock: processes that stopped at different steps would
+        # wait for each other's gradients for ever.
+        if from_main_process(time.perf_counter() - self.started >= self.seconds):
             control.should_training_stop = True
 
 
@@ -449,6 +457,10 @@ def train_reward(
     # A probe cross-validates over every training pair; fine-tuning stops on a validation
     # split, and `auto` compares the two methods on that split.
     fit, validation = (train, None) if method == "probe" else _validation_split(train, config)
+    if num_processes() > 1 and not is_main_process():
+        return _beside_the_main_process(
+            _Run(fit, validation, eval, Path(), backbone, current, config, None), method, extra_loss
+        )
     with registry.stage("reward") as staged:
         run = _Run(fit, validation, eval, staged, backbone, current, config, progress)
         if method == "finetune":
@@ -517,9 +529,28 @@ def train_reward(
         "none" if current_accuracy is None else f"{current_accuracy:.3f}",
         "promoted" if promoted else "not promoted",
     )
-    return RewardTrainingResult(
-        version=version, promoted=promoted, metrics=metrics, evaluation=evaluation
+    return from_main_process(
+        RewardTrainingResult(
+            version=version, promoted=promoted, metrics=metrics, evaluation=evaluation
+        )
     )
+
+
+def _beside_the_main_process(
+    run: _Run, method: str, extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None
+) -> RewardTrainingResult:
+    """A process of `accelerate launch` other than the main one: it takes its share of
+    fine-tuning's batches (in a scratch folder of its own) and returns the version that the
+    main process judges and commits. A linear probe is the main process's alone: it reads
+    each answer once, with no gradient to share; so `auto` runs its probe there while the
+    others wait at fine-tuning's first step, and fine-tunes with all of them."""
+    import tempfile
+
+    if method == "finetune" or (method == "auto" and run.validation is not None):
+        with tempfile.TemporaryDirectory(prefix="ls-rlhf-rank-") as scratch:
+            run.staged = Path(scratch)
+            _fine_tune(run, extra_loss)
+    return from_main_process(cast(RewardTrainingResult, None))
 
 
 @dataclass
@@ -557,8 +588,12 @@ def _fine_tune(run: _Run, extra_loss: Callable[[torch.nn.Module], torch.Tensor] 
     model, tokenizer = load_sequence_classifier(start_from)
     if config.train_top_layers > 0:
         freeze_below_top_layers(model, config.train_top_layers)
-    accuracy_before = pairwise_accuracy(
-        RewardModel(model, tokenizer, "before", config.max_length, autocast=bf16), eval
+    accuracy_before = (  # a figure for the version's metadata, which the main process writes
+        pairwise_accuracy(
+            RewardModel(model, tokenizer, "before", config.max_length, autocast=bf16), eval
+        )
+        if is_main_process()
+        else None
     )
     if tokenizer.pad_token is None:  # decoders such as GPT-2 pad with their eos token
         tokenizer.pad_token = tokenizer.eos_token
@@ -596,7 +631,7 @@ def _fine_tune(run: _Run, extra_loss: Callable[[torch.nn.Module], torch.Tensor] 
     shutil.rmtree(staged / "trainer", ignore_errors=True)
     return _Fitted(
         metrics={
-            "train_loss": output.training_loss,
+            "train_loss": mean_over_processes(output.training_loss),  # every process's
             "steps": trainer.state.global_step,
             "best_step": keep_best.best_step,
             "best_validation_loss": keep_best.best_loss if keep_best.best_step else None,
