@@ -76,18 +76,46 @@ def completions_needed(schema: Schema, num_completions: int) -> int:
     return len(schema.answer_fields)
 
 
+def cut_note(max_new_tokens: int | None) -> str:
+    """What the labeling UI shows under an answer the generation limit cut off."""
+    limit = f"{max_new_tokens} tokens" if max_new_tokens else "the token limit"
+    return f"(cut at {limit}: the length limit ended it, not the model)"
+
+
 def task_data(
-    schema: Schema, prompt: str, completions: list[str], policy_label: str
+    schema: Schema,
+    prompt: str,
+    completions: list[str],
+    policy_label: str,
+    truncated: list[bool] | None = None,
+    max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
+    """A task's data. With `truncated` (per completion: did generation stop at
+    `max_new_tokens` without ending?) the data carries it as "truncated", in answer order,
+    and each answer its note: "<field>_cut" (the configs show `$answer1_cut` under the
+    answer; empty when not cut) or, for a List, the item's flag and title."""
     data: dict[str, Any] = {schema.prompt_field: prompt, "policy_version": policy_label}
+    notes = [
+        cut_note(max_new_tokens) if cut else "" for cut in (truncated or [False] * len(completions))
+    ]
     if schema.list_field:
         data[schema.list_field] = [
             {"id": f"a{i + 1}", "title": f"Answer {i + 1}", "body": text}
             for i, text in enumerate(completions)
         ]
+        if truncated is not None:
+            for item, cut, note in zip(data[schema.list_field], truncated, notes, strict=True):
+                item["truncated"] = cut
+                if cut:
+                    item["title"] += f" {note}"
     else:
         for name, text in zip(schema.answer_fields, completions, strict=True):
             data[name] = text
+        if truncated is not None:
+            for name, note in zip(schema.answer_fields, notes, strict=True):
+                data[f"{name}_cut"] = note
+    if truncated is not None:
+        data["truncated"] = list(truncated)
     return data
 
 
@@ -103,6 +131,7 @@ def make_tasks(
     label = policy_label(served.policy_version)
     if k == 0:
         return [task_data(schema, p, [], label) for p in prompts]
+    truncated: list[list[bool]] = []  # filled by the in-process generation
     engine = engine_from_settings(settings)
     if engine is not None:  # the served version's own folder, reloaded once per version
         engine.serve_folder(
@@ -121,9 +150,16 @@ def make_tasks(
         batch_size=settings.generation_batch_size,
         seed=settings.seed,
         on_batch=on_progress,
+        truncated=truncated,
         engine=engine,
     )
-    return [task_data(schema, p, c, label) for p, c in zip(prompts, completions, strict=True)]
+    cuts: list[list[bool] | None] = (
+        list(truncated) if len(truncated) == len(prompts) else [None] * len(prompts)
+    )
+    return [
+        task_data(schema, p, c, label, cut, settings.max_new_tokens)
+        for p, c, cut in zip(prompts, completions, cuts, strict=True)
+    ]
 
 
 def attach_predictions(

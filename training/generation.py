@@ -43,11 +43,14 @@ def generate_completions(
     min_new_tokens: int | None = None,
     on_batch: Callable[[int], None] | None = None,
     engine: VLLMEngine | None = None,
+    truncated: list[list[bool]] | None = None,
 ) -> list[list[str]]:
     """`num_completions` completions for each prompt, in prompt order.
 
     `on_batch(n)` is called after each batch with the number of prompts done, for
-    progress reporting. With an `engine` (training/engine.py) the vLLM server
+    progress reporting. A `truncated` list, when given, gets one list per prompt saying of
+    each completion whether it was cut: it ran to `max_new_tokens` without an end-of-sequence
+    token (so tasks can mark it). With an `engine` (training/engine.py) the vLLM server
     samples, and it must already serve `model`'s weights (VLLMEngine.serve_folder or
     serve_model): the prompts are rendered and tokenized, and the answers decoded, here.
     """
@@ -64,6 +67,7 @@ def generate_completions(
             seed,
             min_new_tokens,
             on_batch,
+            truncated,
         )
     if seed is not None:
         torch.manual_seed(seed)
@@ -89,13 +93,34 @@ def generate_completions(
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        cut = _cut_at_limit(new_tokens, model, tokenizer, max_new_tokens)
         for i in range(len(chunk)):
             results.append(
                 [t.strip() for t in texts[i * num_completions : (i + 1) * num_completions]]
             )
+            if truncated is not None:
+                truncated.append(cut[i * num_completions : (i + 1) * num_completions])
         if on_batch:
             on_batch(len(results))
     return results
+
+
+def _cut_at_limit(
+    new_tokens: torch.Tensor,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    max_new_tokens: int,
+) -> list[bool]:
+    """Per generated row: it is `max_new_tokens` long and holds no end-of-sequence token, so
+    the limit, not the model, ended it. (Rows that ended earlier are padded after their EOS.)"""
+    if new_tokens.shape[1] < max_new_tokens:
+        return [False] * new_tokens.shape[0]
+    eos = model.generation_config.eos_token_id
+    ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    if not ids:
+        return [True] * new_tokens.shape[0]
+    ended = torch.isin(new_tokens, torch.tensor(sorted(ids), device=new_tokens.device))
+    return [not bool(row) for row in ended.any(dim=1)]
 
 
 def _engine_completions(
@@ -110,6 +135,7 @@ def _engine_completions(
     seed: int | None,
     min_new_tokens: int | None,
     on_batch: Callable[[int], None] | None,
+    truncated: list[list[bool]] | None,
 ) -> list[list[str]]:
     results: list[list[str]] = []
     eos = tokenizer.eos_token_id
@@ -132,6 +158,8 @@ def _engine_completions(
         for answers in sampled:
             texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
             results.append([t.strip() for t in texts])
+            if truncated is not None:
+                truncated.append([len(a) >= max_new_tokens and eos not in a for a in answers])
         if on_batch:
             on_batch(len(results))
     return results
