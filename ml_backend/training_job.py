@@ -24,6 +24,7 @@ from datasets import Dataset
 from ml_backend.overoptimization import alarm_reasons, live_accuracy, previous_live_accuracy
 from ml_backend.scheduler import Job, JobStore, execute_job
 from training.datasets import HELD_OUT_FRACTION, MIN_PAIRS, preference_dataset, split_by_prompt
+from training.distributed import on_main_process
 from training.export import prompts_from_tasks, pull_export
 from training.feedback import parse_export
 from training.models import resolve_reward_backbone
@@ -44,7 +45,10 @@ def run_training(
     progress: Callable[[float, str], None],
     access: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Train a reward version on the project's annotations; returns the job's metrics."""
+    """Train a reward version on the project's annotations, then the policy step and the
+    next round of tasks as the settings ask; returns the job's metrics. With a training
+    launcher set, the training (reward version and policy step) runs in the processes it
+    starts; pulling the export and writing the next round stay in this one."""
     url, key = settings.label_studio_url, settings.label_studio_api_key
     if not key and access:
         url, key = access
@@ -57,6 +61,109 @@ def run_training(
         backoff=settings.export_backoff_seconds,
         request_timeout=settings.label_studio_timeout_seconds,
     )
+    if settings.training_launcher:
+        metrics = launched_training(settings, job, tasks, config, progress)
+    else:
+        metrics = train_on_export(settings, job, tasks, config, progress)
+    if "policy_version" in metrics and settings.next_round > 0:
+        progress(0.98, "generating the next round of tasks")
+        registry = lineage(settings.registry_dir, job.project_id, claim=True)
+        prompts = prompts_from_tasks(tasks, config)
+        created = next_round(settings, url, key, job.project_id, config, prompts, registry)
+        metrics["next_round_tasks"] = created
+        metrics["message"] += f"; {created} new tasks from it"
+    return metrics
+
+
+PROGRESS_PREFIX = "ls-rlhf-progress "
+
+
+def launched_training(
+    settings: Settings,
+    job: Job,
+    tasks: list[dict[str, Any]],
+    config: str,
+    progress: Callable[[float, str], None],
+) -> dict[str, Any]:
+    """`train_on_export` in the processes that `settings.training_launcher` starts (for
+    instance `accelerate launch --config_file docker/accelerate-ddp.yaml`: every GPU of
+    the node). The export and the job go to them in a private scratch file; the main
+    process reports progress on its stdout and writes the metrics back."""
+    import json
+    import shlex
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="ls-rlhf-job-") as scratch:  # mode 0700
+        request, result = Path(scratch) / "request.json", Path(scratch) / "metrics.json"
+        request.write_text(
+            json.dumps(
+                {"job": job.as_dict(), "tasks": tasks, "config": config, "metrics": str(result)}
+            )
+        )
+        command = [*shlex.split(settings.training_launcher), "-m", __spec__.name, str(request)]
+        log.info("job %d: training through %s", job.id, settings.training_launcher)
+        with open(Path(scratch) / "stderr.log", "w+") as errors:
+            try:
+                process = subprocess.Popen(
+                    command, stdout=subprocess.PIPE, stderr=errors, text=True, env=settings.to_env()
+                )
+            except OSError as err:
+                raise RuntimeError(
+                    f"LS_RLHF_TRAINING_LAUNCHER could not start ({err}): set it to a command "
+                    "on this machine's PATH, e.g. 'accelerate launch --config_file FILE'"
+                ) from None
+            assert process.stdout is not None
+            for line in process.stdout:
+                if line.startswith(PROGRESS_PREFIX):
+                    fraction, message = json.loads(line[len(PROGRESS_PREFIX) :])
+                    progress(fraction, message)
+                else:
+                    log.debug("launched: %s", line.rstrip())
+            code = process.wait()
+            if code != 0 or not result.is_file():
+                errors.seek(0)
+                tail = errors.read()[-3000:]
+                raise RuntimeError(
+                    f"the training launched with {settings.training_launcher!r} exited with "
+                    f"{code}; its last output:\n{tail}"
+                )
+        return json.loads(result.read_text())
+
+
+def _launched(request_path: str) -> None:
+    """One process of a launched training (`python -m ml_backend.training_job REQUEST`)."""
+    import json
+    from pathlib import Path
+
+    from training.distributed import is_main_process
+
+    logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING)
+    request = json.loads(Path(request_path).read_text())
+    main = is_main_process()
+
+    def progress(fraction: float, message: str) -> None:
+        if main:
+            print(PROGRESS_PREFIX + json.dumps([fraction, message]), flush=True)
+
+    metrics = train_on_export(
+        Settings.from_env(), Job(**request["job"]), request["tasks"], request["config"], progress
+    )
+    if main:
+        Path(request["metrics"]).write_text(json.dumps(metrics))
+
+
+def train_on_export(
+    settings: Settings,
+    job: Job,
+    tasks: list[dict[str, Any]],
+    config: str,
+    progress: Callable[[float, str], None],
+) -> dict[str, Any]:
+    """The training of a job on its pulled export: a reward version, and after a promoted
+    one the policy step; returns the job's metrics. Under `accelerate launch` every process
+    runs it alike (the splits are seeded); versions are written by the main process."""
     parsed = parse_export(tasks, config)
     pairs = preference_dataset(parsed.records)
     summary = {"tasks": len(tasks), "pairs": len(pairs), "problems": len(parsed.problems)}
@@ -122,11 +229,6 @@ def run_training(
         metrics["message"] += f"; {policy['policy_version']} trained with {settings.loop_policy}"
         if policy.get("alarm"):
             metrics["message"] += f" and NOT served: {'; '.join(policy['alarm'])}"
-        if settings.next_round > 0:
-            progress(0.98, "generating the next round of tasks")
-            created = next_round(settings, url, key, job.project_id, config, prompts, registry)
-            metrics["next_round_tasks"] = created
-            metrics["message"] += f"; {created} new tasks from it"
     return metrics
 
 
@@ -216,8 +318,8 @@ def policy_step(
     )
     if alarm:
         log.warning("overoptimization alarm: %s not served (%s)", version.label, "; ".join(alarm))
-    else:
-        registry.promote("policy", version.name)
+    else:  # once, by the main process, when the step runs under `accelerate launch`
+        on_main_process(lambda: registry.promote("policy", version.name))
     return {
         "policy_version": version.label,
         "policy_promoted": not alarm,
@@ -286,3 +388,9 @@ def run_queued_job(job_id: int, access: tuple[str, str] | None = None) -> None:
         return
     given = (access[0], access[1]) if access else None  # a list, if it went through JSON
     execute_job(store, job, lambda j, progress: run_training(settings, j, progress, given))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _launched(sys.argv[1])

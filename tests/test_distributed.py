@@ -291,3 +291,60 @@ def test_train_reward_auto_probes_on_the_main_process_and_fine_tunes_on_both(
         auto[0]["finetune_validation_loss"], rel=1e-3
     )
     assert auto[1]["chosen"] == auto[0]["chosen"]
+
+
+@pytest.mark.label_studio
+def test_a_job_trains_through_the_launcher_setting(
+    settings, label_studio, make_project, ls_client, finegrained_path, monkeypatch
+):
+    """LS_RLHF_TRAINING_LAUNCHER: the job pulls the export here, its reward version and PPO
+    step train in two launched processes (one version each, written by the main one, which
+    reports progress back), and the next round of tasks is written from here."""
+    from ml_backend.scheduler import Job
+    from ml_backend.training_job import run_training
+    from training.finegrained import load_finegrained, to_label_studio_tasks
+    from training.registry import lineage
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    settings = settings.replace(
+        label_studio_url=label_studio.url,
+        label_studio_api_key=label_studio.token,
+        reward_method="finetune",
+        loop_policy="ppo",
+        loop_policy_updates=1,
+        next_round=2,
+        training_launcher=" ".join(launcher()),
+    )
+    project = make_project("pairwise")
+    ls_client.projects.import_tasks(
+        id=project.id,
+        request=to_label_studio_tasks(load_finegrained(finegrained_path)[:4], "pairwise"),
+    )
+    before = len(list(ls_client.tasks.list(project=project.id)))
+    job = Job(1, project.id, "running", "test", 0, 0.0, 0.0, None, 0.0, "", {}, 1)
+    reported: list[str] = []
+    metrics = run_training(settings, job, lambda fraction, message: reported.append(message))
+    assert metrics["reward_version"] == "reward-v1", metrics
+    assert metrics["policy_version"] == "policy-v1", metrics
+    assert metrics["next_round_tasks"] == 2
+    assert "training the reward model" in reported  # from the launched main process
+    registry = lineage(settings.registry_dir, project.id)
+    assert [v.name for v in registry.versions("reward")] == ["v1"]
+    assert [v.name for v in registry.versions("policy")] == ["v1"]
+    assert registry.get("policy", "v1").metadata["processes"] == 2
+    assert len(list(ls_client.tasks.list(project=project.id))) == before + 2
+
+
+def test_a_launcher_that_fails_says_what_happened(settings, monkeypatch):
+    from ml_backend.scheduler import Job
+    from ml_backend.training_job import launched_training
+
+    job = Job(1, 1, "running", "test", 0, 0.0, 0.0, None, 0.0, "", {}, 1)
+    broken = settings.replace(training_launcher=f"{sys.executable} -c 'import sys; sys.exit(3)'")
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        launched_training(broken, job, [], "<View/>", lambda *_: None)
+    missing = settings.replace(training_launcher="no-such-launcher-here")
+    with pytest.raises(RuntimeError, match="could not start"):
+        launched_training(missing, job, [], "<View/>", lambda *_: None)

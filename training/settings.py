@@ -223,6 +223,15 @@ class Settings:
             "help": "If set, training jobs go to an RQ queue on this Redis; run `ls-rlhf worker`."
         },
     )
+    training_launcher: str = field(
+        default="",
+        metadata={
+            "help": "If set, a training job runs its training (reward version, policy step) "
+            "through this command, e.g. 'accelerate launch --config_file "
+            "docker/accelerate-ddp.yaml' to train with every GPU of the worker's node "
+            "(docs/deployment.md); empty: in the job's own process."
+        },
+    )
     report_to: str = field(
         default="none",
         metadata={
