@@ -14,7 +14,12 @@ Three ways to do the same work (N prompts x K completions x T new tokens, defaul
 Every path generates exactly T new tokens (min_new_tokens = T) so they do equal work.
 Prints tasks/s (a task = one prompt with its K completions) and the ratios.
 
-    .venv/bin/python bench/generate.py [--prompts 32] [--dtype float32]
+With --engine vllm the product path runs once more through a vLLM server
+(LS_RLHF_GENERATION_ENGINE=vllm: training/engine.py), started here from .venv-vllm on
+the same model and dtype after the in-process paths are done; its start-up time is
+printed, not counted in its rate.
+
+    .venv/bin/python bench/generate.py [--prompts 32] [--dtype float32] [--engine vllm]
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -51,6 +58,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument(
         "--model", default="default", help="policy: 'default', an HF id or a folder"
+    )
+    parser.add_argument(
+        "--engine",
+        default="hf",
+        choices=["hf", "vllm"],
+        help="vllm: also time the product path through a vLLM server",
     )
     args = parser.parse_args()
 
@@ -114,17 +127,50 @@ def main() -> None:
             )
     per_prompt = len(sample) / (time.perf_counter() - started)
 
+    rows = [("product", product), ("per-prompt", per_prompt), ("ceiling", ceiling)]
+    if args.engine == "vllm":
+        rows.append(("product, vLLM", vllm_rate(args, path, tokenizer, prompts, k, t)))
+
     print(
         f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, dtype {args.dtype}"
     )
     print(
         f"work: {len(prompts)} prompts x {k} completions x {t} new tokens, batch {args.batch_size} prompts"
     )
-    print(f"{'path':<12}{'tasks/s':>10}{'tokens/s':>10}")
-    for name, rate in [("product", product), ("per-prompt", per_prompt), ("ceiling", ceiling)]:
-        print(f"{name:<12}{rate:>10.3f}{rate * k * t:>10.1f}")
+    print(f"{'path':<15}{'tasks/s':>10}{'tokens/s':>10}")
+    for name, rate in rows:
+        print(f"{name:<15}{rate:>10.3f}{rate * k * t:>10.1f}")
     print(f"product / per-prompt = {product / per_prompt:.2f}x (target >= 5x)")
     print(f"product / ceiling    = {product / ceiling:.1%} (target >= 90%)")
+
+
+def vllm_rate(args, path: str, tokenizer, prompts: list[str], k: int, t: int) -> float:
+    """tasks/s of the product path through a vLLM server on the same model and dtype."""
+    from ml_backend.harness.vllm_server import VLLMServer
+    from training.engine import VLLMEngine
+
+    with tempfile.TemporaryDirectory() as scratch:
+        server = VLLMServer(Path(path), Path(scratch), dtype=args.dtype, kv_cache_gb=2)
+        started = time.perf_counter()
+        server.start()
+        print(f"vLLM server started in {time.perf_counter() - started:.0f} s", flush=True)
+        try:
+            engine = VLLMEngine(server.url, Path(scratch) / "weights")
+            run = dict(num_completions=k, temperature=0.8, top_p=0.95, engine=engine)
+            generate_completions(None, tokenizer, prompts[:2], max_new_tokens=4, **run)  # warm-up
+            started = time.perf_counter()
+            generate_completions(
+                None,
+                tokenizer,
+                prompts,
+                max_new_tokens=t,
+                min_new_tokens=t,
+                batch_size=args.batch_size,
+                **run,
+            )
+            return len(prompts) / (time.perf_counter() - started)
+        finally:
+            server.stop()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ minute (user + system time of the training).
 
     .venv/bin/python bench/ppo.py [--updates 10] [--batch 4] [--generations 2]
 
+With --engines hf,vllm the PPO trainer runs once per engine: its rollouts sampled in
+process, then by a vLLM server (training/engine.py) started from .venv-vllm on the
+policy in bfloat16 before the clock starts and given each update's weights (saved and
+reloaded in place: "reload s/update"); the held-out evaluation is in-process for both.
+
 Runs at different learning rates reach different KL; to compare trainers at equal KL,
 append each run to a file (--results runs.jsonl) and plot the gains against KL
 (--plot runs.jsonl frontier.png, which runs nothing).
@@ -37,8 +42,12 @@ from training.registry import Registry
 
 
 def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """This process's CPU time and its finished children's (a vLLM server, once stopped)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
 
 
 def prepare_reward(folder: Path, epochs: float, lr: float) -> None:
@@ -88,6 +97,18 @@ def evaluate(
     return evaluation.policy_rewards, evaluation.kl
 
 
+def start_engine(path: str, folder: Path):
+    """A vLLM server on the policy and an engine talking to it (bfloat16: vLLM's CPU path)."""
+    from ml_backend.harness.vllm_server import VLLMServer
+    from training.engine import VLLMEngine
+
+    server = VLLMServer(Path(path), folder, dtype="bfloat16", kv_cache_gb=2)
+    started = time.perf_counter()
+    server.start()
+    print(f"vLLM server started in {time.perf_counter() - started:.0f} s", flush=True)
+    return server, VLLMEngine(server.url, folder / "weights"), time.perf_counter() - started
+
+
 def run_one(kind: str, args: argparse.Namespace) -> dict:
     import torch
 
@@ -104,6 +125,9 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
     before, _ = evaluate(reference, reference, tokenizer, reward, eval_prompts, args.new_tokens)
     del reference  # the trainers hold their own; the evaluation's is loaded again after
     gc.collect()
+    server, engine, engine_start = None, None, 0.0
+    if kind == "ppo" and args.engine == "vllm":
+        server, engine, engine_start = start_engine(path, Path(tempfile.mkdtemp()))
     reset_peak_memory()
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     if kind == "ppo":
@@ -124,9 +148,11 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
             adaptive_kl=False,
             missing_eos_penalty=0.0,
         )
-        trainer = PPOTrainer(policy, tokenizer, reward.score, config)
+        trainer = PPOTrainer(policy, tokenizer, reward.score, config, engine=engine)
         trainer.train(train_prompts)
         trained = trainer.unwrapped.policy
+        if server is not None:
+            server.stop()
     else:
         from datasets import Dataset
         from trl import GRPOConfig, GRPOTrainer
@@ -168,8 +194,12 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
     after, kl = evaluate(trained, reference, tokenizer, reward, eval_prompts, args.new_tokens)
     # Standard error of the gain, paired by prompt row (same question, same sampling seed).
     gains = [a - b for a, b in zip(after, before, strict=True)]
+    reloads = [h.get("time/engine_reload_seconds", 0.0) for h in getattr(trainer, "history", [])]
     return {
         "trainer": kind,
+        "engine": args.engine if kind == "ppo" else "hf",
+        "engine_start_seconds": engine_start,
+        "reload_seconds_per_update": statistics.fmean(reloads) if reloads else 0.0,
         "reward_before": statistics.fmean(before),
         "reward_after": statistics.fmean(after),
         "gain_se": statistics.stdev(gains) / len(gains) ** 0.5,
@@ -262,6 +292,12 @@ def main() -> None:
     parser.add_argument("--reward-epochs", type=float, default=1.0)
     parser.add_argument("--reward-lr", type=float, default=1e-4)
     parser.add_argument("--trainers", default="ppo,grpo", help="which to run, comma-separated")
+    parser.add_argument(
+        "--engines",
+        default="hf",
+        help="generation engines of the PPO rollouts, comma-separated: hf (in-process), vllm",
+    )
+    parser.add_argument("--engine", default="hf", help=argparse.SUPPRESS)
     parser.add_argument("--only", choices=["ppo", "grpo"], help=argparse.SUPPRESS)
     parser.add_argument(
         "--reward-registry",
@@ -298,13 +334,20 @@ def main() -> None:
         if args.reward_registry is None or Registry(registry).current("reward") is None:
             prepare_reward(Path(registry), args.reward_epochs, args.reward_lr)
         rows = []
-        for kind in args.trainers.split(","):
+        runs = [
+            (kind, engine)
+            for kind in args.trainers.split(",")
+            for engine in (args.engines.split(",") if kind == "ppo" else ["hf"])
+        ]
+        for kind, engine in runs:
             command = [sys.executable, __file__, "--only", kind, "--reward-registry", registry] + [
                 f"--{k.replace('_', '-')}={v}"
                 for k, v in vars(args).items()
-                if k not in ("only", "reward_registry", "trainers", "results", "plot")
+                if k not in ("only", "reward_registry", "trainers", "results", "plot", "engines")
+                and k != "engine"
                 and v is not None
             ]
+            command.append(f"--engine={engine}")
             output = subprocess.run(command, capture_output=True, text=True, check=False)
             line = next((ln for ln in output.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
@@ -336,11 +379,11 @@ def main() -> None:
         f"lr {args.lr}, KL coefficient {args.kl}, PPO epochs {args.ppo_epochs} of minibatches of {args.mini_batch}, GAE lambda {args.lam}, KL in PPO's loss {args.kl_loss}"
     )
     print(
-        f"{'trainer':<8}{'s/update':>10}{'peak GB':>9}{'reward before':>15}{'after':>9}{'± s.e.':>8}{'KL':>8}{'gain / CPU-min':>16}"
+        f"{'trainer':<8}{'engine':<7}{'s/update':>10}{'reload s':>9}{'peak GB':>9}{'reward before':>15}{'after':>9}{'± s.e.':>8}{'KL':>8}{'gain / CPU-min':>16}"
     )
     for r in rows:
         print(
-            f"{r['trainer']:<8}{r['seconds_per_update']:>10.1f}{r['peak_gb']:>9.2f}{r['reward_before']:>15.4f}{r['reward_after']:>9.4f}{r['gain_se']:>8.4f}{r['kl']:>8.3f}{r['gain_per_cpu_minute']:>16.5f}"
+            f"{r['trainer']:<8}{r['engine']:<7}{r['seconds_per_update']:>10.1f}{r['reload_seconds_per_update']:>9.2f}{r['peak_gb']:>9.2f}{r['reward_before']:>15.4f}{r['reward_after']:>9.4f}{r['gain_se']:>8.4f}{r['kl']:>8.3f}{r['gain_per_cpu_minute']:>16.5f}"
         )
 
 
