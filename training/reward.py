@@ -663,23 +663,7 @@ class _Probed:
     read: int = 0  # answers the backbone read (a warm start reuses its parent's features)
 
     def pairs(self, dataset: Dataset, use_margin: bool) -> JudgedPairs:
-        margins = (
-            dataset["margin"]
-            if use_margin and "margin" in dataset.column_names
-            else [0.0] * len(dataset)
-        )
-        rows = zip(dataset["prompt"], dataset["chosen"], dataset["rejected"], strict=True)
-        chosen, rejected, folds = [], [], []
-        for prompt, c, r in rows:
-            chosen.append(self.answers[(prompt, c)])
-            rejected.append(self.answers[(prompt, r)])
-            folds.append(JudgedPairs.fold_of(prompt))
-        return JudgedPairs(
-            torch.tensor(chosen),
-            torch.tensor(rejected),
-            torch.tensor([float(m or 0.0) for m in margins]),
-            torch.tensor(folds),
-        )
+        return _judged_pairs(self.answers, dataset, use_margin)
 
     def refit(self, datasets: Sequence[Dataset], use_margin: bool) -> None:
         """The chosen layer and l2 again, on more pairs (the validation split's too)."""
@@ -761,8 +745,11 @@ def _fit_linear_probe(
     if cached is not None:  # a warm start reads only the answers its parent had not read
         known = [i for i, key in enumerate(keys) if key in cached.rows]
         features[0, known] = cached.features[[cached.rows[keys[i]] for i in known]]
-    probed = _Probed(
-        cast(LinearProbe, None),
+    probe = fit_probe(
+        features, layers, _judged_pairs(answers, datasets[0], config.use_margin), layer=keep
+    )
+    return _Probed(
+        probe,
         model,
         tokenizer,
         layers,
@@ -770,14 +757,32 @@ def _fit_linear_probe(
         answers,
         "current version" if warm else backbone,
         dtype,
-        0.0,
+        seconds=time.perf_counter() - started,
+        read=len(missing),
     )
-    probed.probe = fit_probe(
-        features, layers, probed.pairs(datasets[0], config.use_margin), layer=keep
+
+
+def _judged_pairs(
+    answers: dict[tuple[str, str], int], dataset: Dataset, use_margin: bool
+) -> JudgedPairs:
+    """`dataset`'s pairs as rows of the features of `answers` ((prompt, answer) -> row)."""
+    margins = (
+        dataset["margin"]
+        if use_margin and "margin" in dataset.column_names
+        else [0.0] * len(dataset)
     )
-    probed.seconds = time.perf_counter() - started
-    probed.read = len(missing)
-    return probed
+    rows = zip(dataset["prompt"], dataset["chosen"], dataset["rejected"], strict=True)
+    chosen, rejected, folds = [], [], []
+    for prompt, c, r in rows:
+        chosen.append(answers[(prompt, c)])
+        rejected.append(answers[(prompt, r)])
+        folds.append(JudgedPairs.fold_of(prompt))
+    return JudgedPairs(
+        torch.tensor(chosen),
+        torch.tensor(rejected),
+        torch.tensor([float(m or 0.0) for m in margins]),
+        torch.tensor(folds),
+    )
 
 
 def _probe_or_fine_tune(run: _Run, method: str) -> _Fitted:

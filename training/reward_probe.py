@@ -231,9 +231,13 @@ def _fit(z: torch.Tensor, pairs: JudgedPairs, l2: float) -> torch.Tensor:
 
 
 def _loss_and_accuracy(z: torch.Tensor, pairs: JudgedPairs, w: torch.Tensor) -> tuple[float, float]:
-    d = (z[pairs.chosen] - z[pairs.rejected]) @ w
-    loss = float(torch.nn.functional.softplus(-(d - pairs.margin)).mean())
-    return loss, float((d > 0).float().mean())
+    return _bradley_terry_figures((z[pairs.chosen] - z[pairs.rejected]) @ w, pairs.margin)
+
+
+def _bradley_terry_figures(difference: torch.Tensor, margin: torch.Tensor) -> tuple[float, float]:
+    """(Bradley-Terry loss, accuracy) of reward differences r(chosen) - r(rejected)."""
+    loss = float(torch.nn.functional.softplus(-(difference - margin)).mean())
+    return loss, float((difference > 0).float().mean())
 
 
 def fit_probe(
@@ -299,9 +303,8 @@ def probe_figures(
 ) -> tuple[float, float]:
     """(Bradley-Terry loss, accuracy) of a fitted probe on pairs of `features` [n, hidden]
     at its layer: how `auto` compares it with a fine-tuned model on the validation split."""
-    d = probe(features[pairs.chosen]) - probe(features[pairs.rejected])
-    loss = float(torch.nn.functional.softplus(-(d - pairs.margin)).mean())
-    return loss, float((d > 0).float().mean())
+    difference = probe(features[pairs.chosen]) - probe(features[pairs.rejected])
+    return _bradley_terry_figures(difference, pairs.margin)
 
 
 def candidate_layers(model: PreTrainedModel) -> list[int]:
