@@ -14,6 +14,10 @@ trained in the same run, one after the other, and reported with its held-out fig
 Presets: `default` is `RewardTrainingConfig()` as `ls-rlhf train reward` uses it; `previous`
 is the default before validation-based stopping (lr 5e-5, 2 epochs to the end, max_length
 384, float32), without its periodic held-out evaluations, so its time is a lower bound.
+`trl` is the baseline the product must beat: TRL's `RewardTrainer` with `RewardConfig`'s
+own defaults (lr 1e-4, 3 epochs, batch 8, max_length 1024, prompt + answer as one text)
+on the same backbone and every training pair; `trl-short` the same with one epoch and 192
+tokens. Neither goes through the registry; both are scored as TRL formats their input.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from datasets import Dataset
 from memory import peak_memory_gb, reset_peak_memory  # bench/memory.py (the script's folder)
 
 from training.finegrained import DEFAULT_PATH as DATA
@@ -41,6 +47,7 @@ from training.reward import (
     tokenize_groups,
     train_reward,
 )
+from training.reward_eval import RewardEvaluation, evaluate_reward
 
 PRESETS = {
     "default": RewardTrainingConfig(),
@@ -55,6 +62,57 @@ PRESETS = {
         dtype="float32",
     ),
 }
+
+
+# TRL's RewardConfig defaults, overridden only where the preset says so.
+PLAIN_TRL = {"trl": {}, "trl-short": {"num_train_epochs": 1, "max_length": 192}}
+
+
+def plain_trl(
+    train: Dataset, test: Dataset, backbone: str, **overrides: float
+) -> tuple[RewardEvaluation, float]:
+    """TRL's RewardTrainer as a user would run it with its defaults; (held-out figures, s)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token is None:  # TRL appends eos to every text; BERT ends on [SEP]
+        tokenizer.eos_token = tokenizer.sep_token
+    model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    with tempfile.TemporaryDirectory() as out:
+        args = RewardConfig(
+            output_dir=out, bf16=False, report_to="none", save_strategy="no", **overrides
+        )
+        columns = train.select_columns(["prompt", "chosen", "rejected"])
+        trainer = RewardTrainer(
+            model=model, args=args, train_dataset=columns, processing_class=tokenizer
+        )
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+    model.eval()
+    limit = min(args.max_length or 512, tokenizer.model_max_length)
+
+    @torch.no_grad()
+    def score(prompts: list[str], answers: list[str]) -> np.ndarray:
+        texts = [p + a + tokenizer.eos_token for p, a in zip(prompts, answers, strict=True)]
+        out = []
+        for i in range(0, len(texts), 32):
+            batch = tokenizer(
+                texts[i : i + 32],
+                padding=True,
+                truncation=True,
+                max_length=limit,
+                return_tensors="pt",
+                add_special_tokens=True,
+            )
+            out.append(model(**batch).logits[:, 0].float().numpy())
+        return np.concatenate(out)
+
+    return evaluate_reward(score, test), seconds
 
 
 def precision_ratios(backbone: str, pairs, max_length: int) -> None:
@@ -96,7 +154,11 @@ def precision_ratios(backbone: str, pairs, max_length: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="default")
-    parser.add_argument("--presets", default="default,previous", help="comma-separated presets")
+    parser.add_argument(
+        "--presets",
+        default="default,previous",
+        help=f"comma-separated presets: {', '.join([*PRESETS, *PLAIN_TRL])}",
+    )
     parser.add_argument(
         "--method", choices=("auto", "probe", "finetune"), help="override the presets' method"
     )
@@ -156,6 +218,18 @@ def main() -> None:
         "seed": args.seed,
     }
     for name in args.presets.split(","):
+        if name in PLAIN_TRL:
+            reset_peak_memory()
+            started = time.perf_counter()
+            evaluation, seconds = plain_trl(train, test, backbone, **PLAIN_TRL[name])
+            wall = time.perf_counter() - started
+            print(f"{name}: TRL RewardTrainer, RewardConfig defaults {PLAIN_TRL[name] or ''}")
+            print(f"  held-out: {evaluation.summary()}")
+            print(
+                f"  training: {seconds:.0f} s; wall time with evaluation {wall / 60:.1f} min; "
+                f"peak memory {peak_memory_gb():.2f} GB"
+            )
+            continue
         config = replace(
             PRESETS[name],
             max_minutes=args.max_minutes,
