@@ -87,7 +87,7 @@ def test_the_makefile_reads_the_pinned_versions():
             "-s",
             "-C",
             str(ROOT),
-            "--eval=print-versions: ; @echo $(LABEL_STUDIO_VERSION) $(TORCH_VERSION)",
+            "--eval=print-versions: ; @echo $(LABEL_STUDIO_VERSION) $(TORCH_VERSION) $(VLLM_VERSION)",
             "print-versions",
         ],
         capture_output=True,
@@ -95,4 +95,8 @@ def test_the_makefile_reads_the_pinned_versions():
     )
     assert result.returncode == 0, result.stderr
     versions = pinned_versions()
-    assert result.stdout.split() == [versions["LABEL_STUDIO_VERSION"], versions["TORCH_VERSION"]]
+    assert result.stdout.split() == [
+        versions["LABEL_STUDIO_VERSION"],
+        versions["TORCH_VERSION"],
+        versions["VLLM_VERSION"],
+    ]
