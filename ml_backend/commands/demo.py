@@ -131,6 +131,7 @@ def _run(args: argparse.Namespace) -> int:
         prompts = [prompts[i % len(prompts)] for i in range(max(len(prompts), args.per_round))]
     backend = BackendServer(env_settings, demo_dir / "backend.log", port=args.backend_port)
     backend_url = backend.url
+    vllm = None
     try:
         print(
             f"starting Label Studio on {studio.url} (first start runs migrations: ~1 min) ...",
@@ -150,6 +151,8 @@ def _run(args: argparse.Namespace) -> int:
             backend.wait_until_loaded()
         except BackendStartError as err:
             raise UserError(str(err)) from None
+        if settings.generation_engine == "vllm":
+            vllm = _start_vllm(settings, demo_dir)
         ls.ml.create(project=project.id, url=backend_url, title="ls-rlhf", is_interactive=False)
         from ml_backend.cli import main as cli
 
@@ -198,9 +201,36 @@ def _run(args: argparse.Namespace) -> int:
         try:
             backend.stop()
             studio.stop()
+            if vllm is not None:
+                vllm.stop()
         finally:
             signal.signal(signal.SIGINT, signal.default_int_handler)
     return 0
+
+
+def _start_vllm(settings: Settings, demo_dir: Path):
+    """The vLLM server of LS_RLHF_GENERATION_ENGINE=vllm, from its own environment as
+    Label Studio is, on the served policy (converted by the backend by now)."""
+    from urllib.parse import urlparse
+
+    from ml_backend.harness.vllm_server import VLLMServer, VLLMStartError
+    from training.models import resolve_policy
+    from training.registry import Registry
+
+    current = Registry(settings.registry_dir).current("policy")
+    model = (
+        current.path
+        if current
+        else resolve_policy(settings.policy_model, settings.models_cache_dir)
+    )
+    server = VLLMServer(
+        Path(model), demo_dir / "vllm", port=urlparse(settings.vllm_url).port or 8000
+    )
+    print(f"starting vLLM on {server.url} (a minute or two) ...", flush=True)
+    try:
+        return server.start()
+    except VLLMStartError as err:
+        raise UserError(str(err)) from None
 
 
 class _env:
