@@ -12,13 +12,15 @@ Rules:
   suggestion unchanged (`Source.from_prediction`), which measures how often people agree
   with the backend;
 * a malformed or unknown result becomes a `Problem` naming task and annotation, and the
-  rest of the export is still parsed.
+  rest of the export is still parsed;
+* a task whose data names the model behind each answer ("answer_sources") gives
+  comparisons that carry those names (`Comparison.sources`, `preferred_source`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from training.label_config import LabelConfigError, Schema, read_schema
@@ -34,12 +36,24 @@ class Source:
 
 @dataclass(frozen=True)
 class Comparison:
-    """A choice between two answers (Pairwise, or Choices naming answers)."""
+    """A choice between two answers (Pairwise, or Choices naming answers).
+
+    `sources` names the model that wrote each answer, in the same order, when the task
+    records it (its data's "answer_sources", as policy-against-base tasks do: their sides
+    are drawn at random, so the side says nothing about the model)."""
 
     prompt: str
     answers: tuple[str, str]
     preferred: int | None  # 0 or 1; None = tie / no preference
     source: Source
+    sources: tuple[str, str] | None = None
+
+    @property
+    def preferred_source(self) -> str | None:
+        """The model whose answer was preferred (None for a tie or unknown sources)."""
+        if self.sources is None or self.preferred is None:
+            return None
+        return self.sources[self.preferred]
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,8 @@ class Critique:
 Record = Comparison | Ranking | Rating | Flag | Demonstration | Critique
 
 FLAG_BUCKETS = frozenset({"biased", "unsafe", "harmful"})
+# The task data field naming the model behind each answer, in answer order.
+ANSWER_SOURCES = "answer_sources"
 
 
 @dataclass(frozen=True)
@@ -209,6 +225,9 @@ def parse_annotation(
         if text is not None:
             texts[result["from_name"]] = text
 
+    sources = _answer_sources(data, schema)
+    if sources is not None:
+        records = [replace(r, sources=sources) if isinstance(r, Comparison) else r for r in records]
     # A tie ("tie", "both bad") overrides a side clicked in the same annotation.
     if any(isinstance(r, Comparison) and r.preferred is None for r in records):
         records = [
@@ -305,6 +324,58 @@ def _parse_result(result, schema, prompt, answer_text, items, source):
         text = "\n".join(text) if isinstance(text, list) else str(text)
         return None, text.strip()
     raise ValueError(f"unknown result type {kind!r} for control {name!r}")
+
+
+@dataclass(frozen=True)
+class ModelComparison:
+    """People's verdicts between the answers of two models (tasks recording their sources)."""
+
+    first: str  # the model whose win rate this is
+    second: str
+    comparisons: int
+    first_wins: int
+    ties: int
+    second_wins: int
+
+    @property
+    def first_win_rate(self) -> float:
+        """The first model's share of wins, a tie counting half."""
+        return (self.first_wins + self.ties / 2) / self.comparisons
+
+
+def model_comparisons(comparisons: list[Comparison]) -> list[ModelComparison]:
+    """Per pair of models, over the comparisons whose answers came from two different
+    recorded sources: who was preferred. The first of a pair is the later name in sort
+    order ("policy-v3" before "policy-base")."""
+    verdicts: dict[tuple[str, str], list[str | None]] = {}
+    for c in comparisons:
+        if c.sources and c.sources[0] != c.sources[1]:
+            pair = (max(c.sources), min(c.sources))
+            verdicts.setdefault(pair, []).append(c.preferred_source)
+    return [
+        ModelComparison(
+            first,
+            second,
+            len(chosen),
+            chosen.count(first),
+            chosen.count(None),
+            chosen.count(second),
+        )
+        for (first, second), chosen in sorted(verdicts.items())
+    ]
+
+
+def _answer_sources(data: dict[str, Any], schema: Schema) -> tuple[str, str] | None:
+    """The task's "answer_sources" for its first two answers (what a Comparison compares),
+    if the task records them as text, one per answer field."""
+    listed = data.get(ANSWER_SOURCES)
+    if (
+        isinstance(listed, list)
+        and len(listed) == len(schema.answer_fields) >= 2
+        and all(isinstance(x, str) for x in listed)
+    ):
+        return (listed[0], listed[1])
+    return None
 
 
 def _answer(answer_text: dict[str, Any], tag: str) -> str:

@@ -5,18 +5,25 @@
   (the k1 estimator on the policy's own samples);
 * win rate: the share of prompts where the reward model scores the policy's answer above
   the reference's (a tie counts half);
-* sample answers side by side, in a Markdown report with a plot of both reward distributions.
+* sample answers side by side, in a Markdown report with a plot of both reward distributions;
+* the same answers as Label Studio tasks for people to judge (`comparison_tasks`), the
+  policy's answer on a side drawn at random (seeded: the same seed gives the same sides)
+  and the draw recorded (`training.feedback.model_comparisons` counts the verdicts back
+  per model; `ls-rlhf report` shows them).
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from training.feedback import ANSWER_SOURCES
 from training.generation import generate_completions, render_prompt
+from training.label_config import Schema
 
 if TYPE_CHECKING:
     from training.engine import VLLMEngine
@@ -188,3 +195,43 @@ def _cell(text: str) -> str:
     """At most 300 characters of text as a Markdown table cell: one line, `|` escaped (it
     would split the cell), `<` too (it would start an HTML tag)."""
     return text[:300].replace("\n", " ").replace("|", "\\|").replace("<", "&lt;")
+
+
+def comparison_tasks(
+    evaluation: PolicyEvaluation,
+    schema: Schema,
+    policy_label: str,
+    reference_label: str,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Label Studio task data (pairwise or rating configs: two answer fields) putting each
+    prompt's policy answer against the reference's. Annotators should not learn which side
+    the new model is on (a side preference would then read as a model preference), so the
+    policy takes side A on a random half of the tasks: exactly half (one more for an odd
+    count), drawn with `seed`. Each task records its draw as "answer_sources", in answer
+    order, which `training.feedback` reads back."""
+    if schema.list_field or len(schema.answer_fields) != 2:
+        raise ValueError(
+            "policy-against-reference tasks need a label config with two answer fields "
+            "(pairwise or rating)"
+        )
+    n = len(evaluation.prompts)
+    policy_first = [True] * ((n + 1) // 2) + [False] * (n // 2)
+    random.Random(seed).shuffle(policy_first)
+    tasks = []
+    for prompt, mine, theirs, first in zip(
+        evaluation.prompts,
+        evaluation.policy_answers,
+        evaluation.reference_answers,
+        policy_first,
+        strict=True,
+    ):
+        answers = [(mine, policy_label), (theirs, reference_label)]
+        if not first:
+            answers.reverse()
+        data: dict[str, Any] = {schema.prompt_field: prompt}
+        for name, (text, _) in zip(schema.answer_fields, answers, strict=True):
+            data[name] = text
+        data[ANSWER_SOURCES] = [label for _, label in answers]
+        tasks.append(data)
+    return tasks

@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from training.feedback import Comparison, model_comparisons, parse_export
 from training.label_config import LabelConfigError, Schema, read_schema
 
 REPORTS_DIR = "reports"  # under the state folder: `ls-rlhf report` writes, /metrics reads
@@ -122,6 +123,8 @@ class QualityReport:
     compared_shown: int = 0
     compared_withheld: int = 0
     versions: list[VersionAccuracy] = field(default_factory=list)
+    # People's verdicts between two models' answers, on tasks recording the answers' sources.
+    models: list[dict[str, Any]] = field(default_factory=list)
     cannot: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +146,9 @@ class QualityReport:
         for row in self.agreement:
             if row.alpha is not None:
                 figures[f'krippendorff_alpha{{control="{row.control}"}}'] = row.alpha
+        for pair in self.models:
+            name = f'human_win_rate{{model="{pair["first"]}",against="{pair["second"]}"}}'
+            figures[name] = pair["first_win_rate"]
         for version in self.versions:
             if version.live_accuracy is not None:
                 figures[f'live_accuracy{{version="{version.version}"}}'] = version.live_accuracy
@@ -415,7 +421,6 @@ def version_accuracy(tasks: list[dict], config: str, registry: Any) -> list[Vers
     from datasets import Dataset
 
     from training.datasets import preference_votes
-    from training.feedback import parse_export
     from training.reward import RewardModel, pair_key, trained_pairs
     from training.reward_eval import reward_differences
 
@@ -550,6 +555,10 @@ def quality_report(
             "(set LS_RLHF_WITHHOLD_SUGGESTION_SHARE)"
         )
 
+    report.models = [
+        {**asdict(row), "first_win_rate": row.first_win_rate}
+        for row in model_comparisons(parse_export(tasks, config).of_type(Comparison))
+    ]
     if registry is None or not registry.versions("reward"):
         report.cannot.append("live accuracy: no reward version in the registry")
     else:
@@ -641,6 +650,23 @@ def to_markdown(report: QualityReport, plots: dict[str, str]) -> str:
         f"| withheld | {report.compared_withheld} | {_fmt(report.majority_agreement_withheld)} |",
         "",
     ]
+    if report.models:
+        lines += [
+            "## Models compared by annotators",
+            "",
+            "Tasks whose two answers came from two models, on sides drawn at random and "
+            "recorded in the task (`answer_sources`): the first model's win rate, a tie "
+            "counting half.",
+            "",
+            "| model | against | comparisons | wins | ties | losses | win rate |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {m['first']} | {m['second']} | {m['comparisons']} | {m['first_wins']} | "
+            f"{m['ties']} | {m['second_wins']} | {_fmt(m['first_win_rate'])} |"
+            for m in report.models
+        ]
+        lines.append("")
     if report.versions:
         lines += [
             "## Reward versions",

@@ -28,6 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--reward-version", help="reward version judging (default: the current one)"
     )
     parser.add_argument("--out", default="policy-report", help="output folder")
+    parser.add_argument(
+        "--project",
+        type=int,
+        help="also import the answers into this Label Studio project (a pairwise or rating "
+        "config) for people to judge: the policy on a side drawn at random per task (seeded by "
+        "LS_RLHF_SEED), recorded as answer_sources; `ls-rlhf report` counts the verdicts",
+    )
     parser.set_defaults(func=run)
 
 
@@ -62,6 +69,22 @@ def run(args: argparse.Namespace) -> int:
             resolve_policy(settings.policy_model, settings.models_cache_dir),
             BASE_POLICY_LABEL,
         )
+    schema = None
+    if args.project is not None:  # before the slow part: a wrong project fails fast
+        from training.label_config import LabelConfigError, read_schema
+        from training.label_studio_client import LabelStudioError, client, get_project
+
+        try:
+            ls = client(settings)
+            project = get_project(ls, args.project)
+            schema = read_schema(project.label_config)
+        except (LabelStudioError, LabelConfigError) as err:
+            raise UserError(str(err)) from None
+        if schema.list_field or len(schema.answer_fields) != 2:
+            raise UserError(
+                f"project {args.project}'s label config shows {len(schema.answer_fields) or 'a list of'}"
+                " answers: policy-against-reference tasks need two answer fields (pairwise or rating)"
+            )
     policy, tokenizer = load_causal_lm(str(policy_version.path))
     reference, _ = load_causal_lm(reference_path)
     evaluation = evaluate_policy(
@@ -85,4 +108,18 @@ def run(args: argparse.Namespace) -> int:
         f"{s['mean_reward']:+.4f} vs {s['reference_mean_reward']:+.4f}, win rate {s['win_rate']:.3f}, KL {s['kl_to_reference']:.4f}\n"
         f"report: {report}"
     )
+    if schema is not None:
+        from training.policy_eval import comparison_tasks
+
+        tasks = comparison_tasks(
+            evaluation, schema, policy_version.label, reference_label, settings.seed
+        )
+        ls.projects.import_tasks(
+            id=args.project,
+            request=[{"data": t} for t in tasks],  # type: ignore[misc]
+        )
+        print(
+            f"imported {len(tasks)} tasks into project {args.project}: {policy_version.label} "
+            f"against {reference_label}, sides drawn at random (answer_sources)"
+        )
     return 0
