@@ -265,3 +265,33 @@ def test_report_says_what_it_cannot_compute(
     report = json.loads((out / "report.json").read_text())
     assert report["tasks"] == 1 and report["annotations"] == 1
     assert report["cannot"] and "fits no kind" in report["cannot"][0]
+
+
+def test_live_accuracy_judges_the_projects_own_lineage(
+    settings,
+    make_project,
+    ls_client,
+    label_studio,
+    annotators,
+    tiny_reward_backbone_dir,
+    monkeypatch,
+    tmp_path,
+):
+    """With several projects, the report of a project that has no reward version of its own
+    does not measure the registry root's (another project's) versions on its labels."""
+    settings = settings.replace(
+        label_studio_url=label_studio.url, label_studio_api_key=label_studio.token
+    )
+    for key, value in settings.to_env(base={}).items():
+        monkeypatch.setenv(key, value)
+    add_reward_version(settings, tiny_reward_backbone_dir)
+    project = make_project("pairwise")
+    (settings.registry_dir / "PROJECT").write_text(f"{project.id + 1000}\n")  # another owner
+    annotate(ls_client, project.id, annotators)
+    time.sleep(1.1)
+    add_reward_version(settings, tiny_reward_backbone_dir)  # the root's v2, after the labels
+    out = tmp_path / "report"
+    assert cli(["report", "--project", str(project.id), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["versions"] == []
+    assert "live accuracy: no reward version in the registry" in report["cannot"]

@@ -47,7 +47,7 @@ def reports_dir(settings: Settings) -> Path:
 def run(args: argparse.Namespace) -> int:
     from ml_backend.commands._sources import export_tasks
     from training.quality import quality_report, write_report
-    from training.registry import Registry
+    from training.registry import lineage
 
     settings = Settings.from_env()
     found = export_tasks(args, settings)
@@ -59,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
         if args.project is not None
         else f"export-{Path(args.export).stem}"
     )
-    report = quality_report(tasks, config, args.project, Registry(settings.registry_dir))
+    # Live accuracy judges the project's own reward versions (its lineage), not another
+    # project's that share a version name.
+    registry = lineage(settings.registry_dir, args.project)
+    report = quality_report(tasks, config, args.project, registry)
     folder = Path(args.out) if args.out else reports_dir(settings) / name
     written = write_report(report, folder)
     print(f"{report.tasks} tasks, {report.annotations} annotations, {report.annotators} annotators")
