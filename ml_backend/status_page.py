@@ -18,6 +18,7 @@ from typing import Any
 from flask import Blueprint, Response, abort, current_app, send_from_directory
 
 from training.quality import REPORTS_DIR
+from training.registry import Registry, lineage, lineages
 
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
 STYLE = """
@@ -68,14 +69,18 @@ def status_page() -> Response:
     parts_ = current_app.extensions["ls_rlhf_parts"]  # what create_app built
     holder, store = parts_.holder, parts_.scheduler.store
     reports_dir = _reports_dir()
-    registry = holder.registry
     reports = _reports(reports_dir)
-    live: dict[str, tuple[Any, int, str]] = {}
+    root = parts_.settings.registry_dir
+    # Live accuracy per (lineage, version): a project's report measured its own lineage's
+    # versions (ls-rlhf report), and every lineage numbers its versions from v1.
+    live: dict[tuple[Path, str], tuple[Any, int, str]] = {}
     for name, data, _ in reports:  # newest report first: the first measurement wins
+        project = data.get("project")
+        where = lineage(root, project if isinstance(project, int) else None).root
         for row in data.get("versions") or []:
             if isinstance(row, dict) and row.get("live_accuracy") is not None:
                 live.setdefault(
-                    str(row.get("version")),
+                    (where, str(row.get("version"))),
                     (row["live_accuracy"], int(row.get("fresh_pairs") or 0), name),
                 )
     parts = [
@@ -90,31 +95,16 @@ def status_page() -> Response:
         + (f" since {_when(served.loaded_at)}" if served else "")
         + ".</p>"
     )
-
-    current = registry.current("reward")
-    parts.append(
-        "<h2>Reward versions</h2><table id='versions'><tr><th>version</th><th>made</th>"
-        "<th>held-out accuracy</th><th>live accuracy</th><th>fresh pairs</th>"
-        "<th>measured in</th></tr>"
-    )
-    versions = registry.versions("reward")
-    for version in reversed(versions):
-        metrics = version.metadata.get("metrics") or {}
-        accuracy, pairs, where = live.get(version.label, (None, 0, ""))
-        mark = " (served)" if current and current.name == version.name else ""
-        parts.append(
-            f"<tr><td>{escape(version.label)}{mark}</td>"
-            f"<td>{escape(str(version.metadata.get('created_at', '')))}</td>"
-            f"<td class='n'>{_fmt(metrics.get('accuracy_after'))}</td>"
-            f"<td class='n'>{_fmt(accuracy)}</td><td class='n'>{pairs or ''}</td>"
-            f"<td>{escape(where)}</td></tr>"
-        )
-    parts.append("</table>")
-    if not versions:
-        parts.append("<p class='muted'>No reward version yet.</p>")
-    policies = registry.versions("policy")
-    if policies:
-        parts.append("<p>Policy versions: " + ", ".join(escape(v.label) for v in policies) + "</p>")
+    found = lineages(root)
+    for owner, registry in found.items():
+        suffix = "" if registry.root == holder.registry.root else f"-{owner}"
+        if len(found) > 1:  # several projects: each lineage serves and is measured on its own
+            title = f"project {owner}" if owner is not None else "the registry root"
+            parts.append(
+                f"<h2>{escape(title)}</h2><p>Serving <b id='served-{owner or 'root'}'>"
+                f"{escape(holder.model_version_for(owner))}</b>.</p>"
+            )
+        parts += _versions_table(registry, live, suffix)
 
     parts.append(
         "<h2>Recent jobs</h2><table id='jobs'><tr><th>job</th><th>project</th>"
@@ -162,3 +152,34 @@ def status_plot(name: str, filename: str):
     if not (_SAFE.match(name) and _SAFE.match(filename) and filename.endswith(".png")):
         abort(404)
     return send_from_directory(_reports_dir() / name, filename, mimetype="image/png")
+
+
+def _versions_table(
+    registry: Registry, live: dict[tuple[Path, str], tuple[Any, int, str]], suffix: str
+) -> list[str]:
+    """A lineage's reward versions with held-out and live accuracy, and its policy versions."""
+    current = registry.current("reward")
+    parts = [
+        f"<h3>Reward versions</h3><table id='versions{suffix}'><tr><th>version</th><th>made</th>"
+        "<th>held-out accuracy</th><th>live accuracy</th><th>fresh pairs</th>"
+        "<th>measured in</th></tr>"
+    ]
+    versions = registry.versions("reward")
+    for version in reversed(versions):
+        metrics = version.metadata.get("metrics") or {}
+        accuracy, pairs, where = live.get((registry.root, version.label), (None, 0, ""))
+        mark = " (served)" if current and current.name == version.name else ""
+        parts.append(
+            f"<tr><td>{escape(version.label)}{mark}</td>"
+            f"<td>{escape(str(version.metadata.get('created_at', '')))}</td>"
+            f"<td class='n'>{_fmt(metrics.get('accuracy_after'))}</td>"
+            f"<td class='n'>{_fmt(accuracy)}</td><td class='n'>{pairs or ''}</td>"
+            f"<td>{escape(where)}</td></tr>"
+        )
+    parts.append("</table>")
+    if not versions:
+        parts.append("<p class='muted'>No reward version yet.</p>")
+    policies = registry.versions("policy")
+    if policies:
+        parts.append("<p>Policy versions: " + ", ".join(escape(v.label) for v in policies) + "</p>")
+    return parts

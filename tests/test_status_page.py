@@ -131,3 +131,36 @@ def test_status_page_in_chromium(status_app, output_dir):
             browser.close()
     finally:
         server.shutdown()
+
+
+def test_each_projects_lineage_has_its_own_versions_and_live_accuracy(
+    status_app, settings, tiny_reward_backbone_dir
+):
+    """Two projects: project 3 owns the root, project 4 has its own reward-v1. Project 3's
+    report measured the root's reward-v1; project 4's reward-v1 is another model and shows
+    no live accuracy of its own."""
+    import re
+
+    from training.registry import lineage
+
+    app, version, live = status_app
+    (settings.registry_dir / "PROJECT").write_text("3\n")
+    four = lineage(settings.registry_dir, 4, claim=True)
+    model, tokenizer = load_sequence_classifier(str(tiny_reward_backbone_dir))
+    with four.stage("reward") as staged:
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        four.commit("reward", staged, {"metrics": {"accuracy_after": 0.55}}, promote=True)
+    html = app.test_client().get("/status", headers=auth()).get_data(as_text=True)
+    assert "<h2>project 3</h2>" in html and "<h2>project 4</h2>" in html
+    assert f"id='served-3'>policy-base+{version.label}<" in html
+    assert "id='served-4'>policy-base+reward-v1<" in html
+
+    def rows(table_id):
+        table = html.split(f"id='{table_id}'", 1)[1].split("</table>", 1)[0]
+        return re.findall(r"<tr><td>(.*?)</tr>", table)
+
+    (mine,) = rows("versions")
+    assert "0.610" in mine and f"{live:.3f}" in mine and "project-3" in mine
+    (theirs,) = rows("versions-4")
+    assert "0.550" in theirs and f"{live:.3f}" not in theirs and "project-3" not in theirs
