@@ -105,3 +105,8 @@ def test_the_reports_rating_alpha_is_the_hand_computed_ordinal_one(tmp_path):
     # A-B on 2, all three pairs on 4).
     assert (row["pairs"], row["pairwise_agreement"]) == (10, 0.5)
     assert f"| {CONTROL} | ordinal | 4 | 0.866 | 0.500 | 10 |" in (out / "report.md").read_text()
+    # The same figures as /metrics reads them.
+    headline = json.loads((out / "headline.json").read_text())
+    assert headline[f'krippendorff_alpha{{control="{CONTROL}"}}'] == row["alpha"]
+    assert headline[f'pairwise_agreement{{control="{CONTROL}"}}'] == 0.5
+    assert (headline["annotations"], headline["annotators"]) == (11, 3)

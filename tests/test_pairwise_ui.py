@@ -99,4 +99,5 @@ def test_rating_answers_side_by_side_in_chromium(
     assert a and b and b["x"] >= a["x"] + a["width"] and abs(a["y"] - b["y"]) < 40, (a, b)
     # Each answer's criteria sit under it: two of each.
     assert page.get_by_text("Helpful", exact=True).count() == 2
+    assert "Ctrl+Enter submits" in page.inner_text("body")  # the keys are shown
     page.screenshot(path=str(output_dir / "rating-side-by-side.png"))

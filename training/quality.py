@@ -132,7 +132,7 @@ class QualityReport:
 
     def headline(self) -> dict[str, float]:
         """The figures /metrics shows as gauges (names without the ls_rlhf_ prefix)."""
-        figures: dict[str, float] = {}
+        figures: dict[str, float] = {"annotations": self.annotations, "annotators": self.annotators}
         for key in (
             "suggestion_equal_share",
             "suggestion_unchanged_share",
@@ -146,6 +146,8 @@ class QualityReport:
         for row in self.agreement:
             if row.alpha is not None:
                 figures[f'krippendorff_alpha{{control="{row.control}"}}'] = row.alpha
+            if row.pairwise_agreement is not None:
+                figures[f'pairwise_agreement{{control="{row.control}"}}'] = row.pairwise_agreement
         for pair in self.models:
             name = f'human_win_rate{{model="{pair["first"]}",against="{pair["second"]}"}}'
             figures[name] = pair["first_win_rate"]
