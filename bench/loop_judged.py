@@ -137,6 +137,19 @@ def measure_policy(
     return figures
 
 
+def alarm_state(reasons: list[str] | None) -> str:
+    """The alarm of a round in one word: quiet, accuracy (the proxy rose while its live
+    accuracy fell), kl (past the bound), or both; '-' where no policy step ran."""
+    if reasons is None:
+        return "-"
+    kinds = [
+        kind
+        for kind, word in (("accuracy", "accuracy on fresh labels"), ("kl", "past the bound"))
+        if any(word in r for r in reasons)
+    ]
+    return "+".join(kinds) or "quiet"
+
+
 def plot(rows: list[dict], path: Path, title: str) -> Path:
     import matplotlib
 
@@ -157,8 +170,14 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
         capsize=4,
     )
     for r in rows:
-        if r.get("alarm"):
-            ax.annotate("alarm", (r["round"], r["gold_win_rate"]), color="red")
+        if r.get("alarm"):  # the round's policy was not served
+            ax.annotate(
+                f"alarm: {r.get('alarm_state', '')}",
+                (r["round"], r["gold_win_rate"]),
+                color="red",
+                textcoords="offset points",
+                xytext=(4, 6),
+            )
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.axhline(0.6, color="green", lw=0.8, ls=":")
     ax.set(title="gold win rate vs base (95% CI)", xlabel="round", ylim=(0.2, 0.9))
@@ -205,6 +224,12 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=40, help="PPO updates per round")
     parser.add_argument("--lr", type=float, default=5e-5, help="PPO learning rate of the loop")
     parser.add_argument("--max-kl", type=float, default=0.0, help="the alarm's KL bound (0: none)")
+    parser.add_argument(
+        "--alarm-accuracy-drop",
+        type=float,
+        default=None,
+        help="LS_RLHF_LOOP_ALARM_ACCURACY_DROP of the loop (default: the setting's)",
+    )
     parser.add_argument("--held-out", type=int, default=100, help="held-out questions (of 100)")
     parser.add_argument("--samples", type=int, default=2, help="answers per held-out question")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -262,6 +287,11 @@ def main() -> None:
         loop_policy_updates=args.updates,
         loop_policy_learning_rate=args.lr,
         loop_max_kl=args.max_kl,
+        loop_alarm_accuracy_drop=(
+            base_settings.loop_alarm_accuracy_drop
+            if args.alarm_accuracy_drop is None
+            else args.alarm_accuracy_drop
+        ),
         next_round=args.per_round,
         reward_promote=args.reward_promote,
         max_new_tokens=args.max_new_tokens,
@@ -297,7 +327,7 @@ def main() -> None:
     header = (
         f"{'round':>5} {'annotations':>11} {'proxy acc fresh':>15} {'proxy acc held':>14} "
         f"{'policy':>10} {'served':>6} {'proxy reward':>12} {'gold win vs base [95%]':>24} "
-        f"{'KL (held-out)':>13} {'KL (PPO)':>8} {'minutes':>7}"
+        f"{'KL (held-out)':>13} {'KL (PPO)':>8} {'minutes':>7} {'alarm':>8}"
     )
     config = {
         k: getattr(args, k)
@@ -313,6 +343,7 @@ def main() -> None:
         )
     }
     config.update(
+        alarm_accuracy_drop=settings.loop_alarm_accuracy_drop,
         max_new_tokens=args.max_new_tokens,
         agreement=args.agreement,
         flip_rate=flip,
@@ -397,6 +428,7 @@ def main() -> None:
                         "policy_version",
                         "policy_promoted",
                         "alarm",
+                        "previous_live_accuracy",
                         "policy_score_first",
                         "policy_score_last",
                         "policy_kl_to_base",
@@ -405,6 +437,7 @@ def main() -> None:
                 },
                 **figures,
             }
+            row["alarm_state"] = alarm_state(row.get("alarm"))
             rows.append(row)
             live = row["live_accuracy"]
             print(
@@ -413,7 +446,7 @@ def main() -> None:
                 f"{ {True: 'yes', False: 'NO', None: '-'}[row['policy_promoted']]:>6} "
                 f"{row.get('proxy_mean_reward_held_out', float('nan')):>+12.4f} "
                 f"{row['gold_win_rate']:>9.3f} [{row['gold_win_low']:.3f}, {row['gold_win_high']:.3f}] "
-                f"{row['kl_to_base_held_out']:>13.2f} {row['policy_kl_to_base'] or float('nan'):>8.2f} {row['minutes']:>7.1f}",
+                f"{row['kl_to_base_held_out']:>13.2f} {row['policy_kl_to_base'] or float('nan'):>8.2f} {row['minutes']:>7.1f} {row['alarm_state']:>8}",
                 flush=True,
             )
             if row["alarm"]:
