@@ -22,9 +22,10 @@ What is compared, and why these tolerances:
 The models are the tiny ones with dropout set to 0: dropout's random masks depend on how a
 batch is split, and would make one process and two differ by design.
 
-`accelerate launch --num_processes 2 --cpu` starts ONE process where MPI is not installed
-(accelerate's multi-CPU launcher is mpirun); `--multi_gpu` with ACCELERATE_USE_CPU=1 starts
-two through torchrun on CPU devices (training/distributed.py).
+The launcher is the documented one-node DDP config, docker/accelerate-ddp.yaml, with
+--num_processes 2 and ACCELERATE_USE_CPU=1 (torchrun's launcher, CPU processes over gloo).
+`accelerate launch --num_processes 2 --cpu` would start ONE process where MPI is not
+installed (accelerate's multi-CPU launcher is mpirun; training/distributed.py).
 """
 
 from __future__ import annotations
@@ -52,18 +53,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+DDP_CONFIG = ROOT / "docker" / "accelerate-ddp.yaml"
+
+
 def launcher(processes: int = 2) -> list[str]:
-    """The command line that starts `processes` training processes on this machine."""
+    """The command line that starts `processes` training processes on this machine: the
+    documented one-node DDP config (on a machine without CUDA, ACCELERATE_USE_CPU=1 makes
+    its processes CPU ones over gloo)."""
     return [
         str(ACCELERATE),
         "launch",
-        "--multi_gpu",
+        f"--config_file={DDP_CONFIG}",
         f"--num_processes={processes}",
-        "--num_machines=1",
-        "--mixed_precision=no",
-        "--dynamo_backend=no",
         f"--main_process_port={free_port()}",
     ]
+
+
+def test_the_documented_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    ddp = load_config_from_file(str(DDP_CONFIG))
+    assert ddp.distributed_type == DistributedType.MULTI_GPU and ddp.num_machines == 1
+    zero2 = load_config_from_file(str(ROOT / "docker" / "accelerate-zero2.yaml"))
+    assert zero2.distributed_type == DistributedType.DEEPSPEED
+    assert zero2.deepspeed_config["zero_stage"] == 2
 
 
 def launch_env(home: Path, policy: Path, backbone: Path) -> dict[str, str]:

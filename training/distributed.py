@@ -9,8 +9,9 @@ group, and `on_main_process(fn)` is `fn()`.
 
 On a machine without CUDA, `accelerate launch --num_processes 2 --cpu` starts ONE process
 unless MPI is installed (accelerate's multi-CPU launcher is mpirun); what starts N processes
-over gloo is `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`
-(torchrun's launcher, CPU devices), which the tests use.
+over gloo is `ACCELERATE_USE_CPU=1 accelerate launch --config_file
+docker/accelerate-ddp.yaml --num_processes N` (or `--multi_gpu` in place of the config:
+torchrun's launcher, CPU devices), which the tests use.
 """
 
 from __future__ import annotations

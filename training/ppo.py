@@ -516,6 +516,14 @@ class PPOTrainer:
         self.engine, self._engine_run = engine, uuid.uuid4().hex[:8]
         self.engine_seconds = 0.0  # the last rollout's weight reload, when an engine samples
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        if self.accelerator.state.deepspeed_plugin is not None:
+            # Its engine steps the optimizer itself and partitions the gradients that this
+            # loop clips and measures: untried here, so refused rather than run wrongly.
+            raise ValueError(
+                "PPO's loop runs under DDP, not DeepSpeed: launch it with "
+                "docker/accelerate-ddp.yaml (ZeRO-2, docker/accelerate-zero2.yaml, is for "
+                "the reward, DPO and SFT trainers)"
+            )
         _check_float32(policy, "policy")
         if reference is not None:
             _check_float32(reference, "reference")
@@ -563,7 +571,9 @@ class PPOTrainer:
             )
         # batch_size and mini_batch_size count all processes' responses; each process samples
         # its own share, with a seed of its own (one seed would make N copies of one rollout).
-        torch.manual_seed(config.seed + self.accelerator.process_index)
+        # One process keeps the stream seeded above, as before there were several.
+        if world > 1:
+            torch.manual_seed(config.seed + self.accelerator.process_index)
         self.kl = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.horizon)
         self.score_moments = RunningMoments()
         self.history: list[dict[str, float]] = []
