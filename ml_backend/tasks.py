@@ -18,7 +18,7 @@ from typing import Any
 from ml_backend.backend import RLHFBackend
 from ml_backend.serving import Served, policy_label
 from training.engine import engine_from_settings
-from training.generation import generate_completions
+from training.generation import cut_field, cut_note, generate_completions
 from training.label_config import Schema
 from training.models import resolve_policy
 from training.settings import Settings
@@ -76,12 +76,6 @@ def completions_needed(schema: Schema, num_completions: int) -> int:
     return len(schema.answer_fields)
 
 
-def cut_note(max_new_tokens: int | None) -> str:
-    """What the labeling UI shows under an answer the generation limit cut off."""
-    limit = f"{max_new_tokens} tokens" if max_new_tokens else "the token limit"
-    return f"(cut at {limit}: the length limit ended it, not the model)"
-
-
 def task_data(
     schema: Schema,
     prompt: str,
@@ -113,7 +107,7 @@ def task_data(
             data[name] = text
         if truncated is not None:
             for name, note in zip(schema.answer_fields, notes, strict=True):
-                data[f"{name}_cut"] = note
+                data[cut_field(name)] = note
     if truncated is not None:
         data["truncated"] = list(truncated)
     return data

@@ -56,6 +56,17 @@ def test_sides_are_drawn_recorded_and_reproducible():
         for s in range(4, 9)
     ]
     assert any(o != sides(tasks) for o in others)  # the seed draws them
+    assert all("truncated" not in t and "answer1_cut" not in t for t in tasks)  # not known
+    # Answers cut at the token limit are marked on whichever side they land.
+    cut = evaluation()
+    cut.policy_truncated, cut.reference_truncated = [True] * 7, [False] * 7
+    cut.max_new_tokens = 64
+    marked = comparison_tasks(cut, schema, "policy-v1", "policy-base", seed=3)
+    for task in marked:
+        policy_at = task["answer_sources"].index("policy-v1")
+        assert task["truncated"] == [policy_at == 0, policy_at == 1]
+        assert "cut at 64 tokens" in task[f"answer{policy_at + 1}_cut"]
+        assert task[f"answer{2 - policy_at}_cut"] == ""
     rating = read_schema(label_configs.load("rating"))
     assert sides(comparison_tasks(evaluation(), rating, "policy-v1", "policy-base", 3)) == sides(
         tasks
@@ -154,6 +165,10 @@ def test_eval_policy_imports_the_tasks_and_the_report_counts_by_model(
     first = [t.data["answer_sources"][0] == "policy-v1" for t in tasks]
     assert sum(first) == 2  # two tasks on each side
     assert all(sorted(t.data["answer_sources"]) == ["policy-base", "policy-v1"] for t in tasks)
+    # Each answer is marked if generation cut it (the tiny policies rarely end by themselves).
+    for t in tasks:
+        assert [bool(t.data["answer1_cut"]), bool(t.data["answer2_cut"])] == t.data["truncated"]
+    assert any(any(t.data["truncated"]) for t in tasks)
     # Annotator A clicks left on every task; annotator B picks the policy's answer.
     a, b = annotators[:2]
     for task, policy_first in zip(tasks, first, strict=True):

@@ -18,6 +18,17 @@ if TYPE_CHECKING:
     from training.engine import VLLMEngine
 
 
+def cut_note(max_new_tokens: int | None) -> str:
+    """What the labeling UI shows under an answer the generation limit cut off."""
+    limit = f"{max_new_tokens} tokens" if max_new_tokens else "the token limit"
+    return f"(cut at {limit}: the length limit ended it, not the model)"
+
+
+def cut_field(answer_field: str) -> str:
+    """The task data field holding an answer's cut note (the configs show `$answer1_cut`)."""
+    return f"{answer_field}_cut"
+
+
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     """The text the policy sees for a user prompt: its chat template, if it has one."""
     if tokenizer.chat_template:

@@ -15,14 +15,14 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from training.feedback import ANSWER_SOURCES
-from training.generation import generate_completions, render_prompt
+from training.generation import cut_field, cut_note, generate_completions, render_prompt
 from training.label_config import Schema
 
 if TYPE_CHECKING:
@@ -37,6 +37,10 @@ class PolicyEvaluation:
     policy_rewards: list[float]
     reference_rewards: list[float]
     kl: float
+    # Per answer: generation stopped at max_new_tokens without ending (empty: not known).
+    policy_truncated: list[bool] = field(default_factory=list)
+    reference_truncated: list[bool] = field(default_factory=list)
+    max_new_tokens: int | None = None
 
     @property
     def mean_reward(self) -> float:
@@ -104,10 +108,11 @@ def evaluate_policy(
     both answer sets are sampled by it, given each model's weights in turn (the same
     engine for both, so the comparison is not one of engines)."""
 
-    def answers(model) -> list[str]:
+    def answers(model) -> tuple[list[str], list[bool]]:
         if engine is not None:
             engine.serve_model(model)
-        return [
+        truncated: list[list[bool]] = []
+        texts = [
             c[0]
             for c in generate_completions(
                 model,
@@ -118,11 +123,13 @@ def evaluate_policy(
                 temperature=0.7,
                 seed=seed,
                 engine=engine,
+                truncated=truncated,
             )
         ]
+        return texts, [t[0] for t in truncated] if len(truncated) == len(texts) else []
 
-    policy_answers = answers(policy)
-    reference_answers = answers(reference)
+    policy_answers, policy_truncated = answers(policy)
+    reference_answers, reference_truncated = answers(reference)
     return PolicyEvaluation(
         prompts=prompts,
         policy_answers=policy_answers,
@@ -130,6 +137,9 @@ def evaluate_policy(
         policy_rewards=score(prompts, policy_answers),
         reference_rewards=score(prompts, reference_answers),
         kl=sequence_kl(policy, reference, tokenizer, prompts, policy_answers),
+        policy_truncated=policy_truncated,
+        reference_truncated=reference_truncated,
+        max_new_tokens=max_new_tokens,
     )
 
 
@@ -218,20 +228,26 @@ def comparison_tasks(
     n = len(evaluation.prompts)
     policy_first = [True] * ((n + 1) // 2) + [False] * (n // 2)
     random.Random(seed).shuffle(policy_first)
+    known = len(evaluation.policy_truncated) == len(evaluation.reference_truncated) == n
     tasks = []
-    for prompt, mine, theirs, first in zip(
-        evaluation.prompts,
-        evaluation.policy_answers,
-        evaluation.reference_answers,
-        policy_first,
-        strict=True,
-    ):
-        answers = [(mine, policy_label), (theirs, reference_label)]
+    for i, (prompt, first) in enumerate(zip(evaluation.prompts, policy_first, strict=True)):
+        answers = [
+            (evaluation.policy_answers[i], policy_label, known and evaluation.policy_truncated[i]),
+            (
+                evaluation.reference_answers[i],
+                reference_label,
+                known and evaluation.reference_truncated[i],
+            ),
+        ]
         if not first:
             answers.reverse()
         data: dict[str, Any] = {schema.prompt_field: prompt}
-        for name, (text, _) in zip(schema.answer_fields, answers, strict=True):
+        for name, (text, _, cut) in zip(schema.answer_fields, answers, strict=True):
             data[name] = text
-        data[ANSWER_SOURCES] = [label for _, label in answers]
+            if known:  # marked as `ls-rlhf generate` marks them (ml_backend/tasks.py)
+                data[cut_field(name)] = cut_note(evaluation.max_new_tokens) if cut else ""
+        data[ANSWER_SOURCES] = [label for _, label, _ in answers]
+        if known:
+            data["truncated"] = [bool(cut) for _, _, cut in answers]
         tasks.append(data)
     return tasks
