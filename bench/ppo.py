@@ -7,7 +7,11 @@ process for the same budget: --updates optimizer rounds of --batch prompts x
 peak memory while training (the process's peak resident set, reset when training starts:
 the trainer's models, optimizer and activations, not the evaluation's), mean reward on --eval-prompts held-out questions
 before and after, KL to the starting policy on those answers, and reward gain per CPU
-minute (user + system time of the training).
+minute (user + system time of the training). Also, by the gold judge of training/judge.py
+(a reward model trained once on FineGrainedRLHF's human pairs, not the one optimized here):
+the trained policy's win rate against the starting policy on the same held-out answers
+(noise-free scores, ties half, a question's answers averaged first, 95 % bootstrap interval
+over questions; --judge none skips it).
 
     .venv/bin/python bench/ppo.py [--updates 10] [--batch 4] [--generations 2]
 
@@ -85,16 +89,14 @@ def held_out_prompts(n: int, samples: int) -> tuple[list[str], list[str]]:
     return [r["question"] for r in train], [r["question"] for r in test[:n] for _ in range(samples)]
 
 
-def evaluate(
-    policy, reference, tokenizer, reward, prompts: list[str], new_tokens: int
-) -> tuple[list[float], float]:
-    """The reward of the policy's answer to each prompt, and its KL to the reference."""
+def evaluate(policy, reference, tokenizer, reward, prompts: list[str], new_tokens: int):
+    """The policy's and the reference's answers to each prompt (same sampling seed), their
+    rewards, and the policy's KL to the reference (training.policy_eval.PolicyEvaluation)."""
     from training.policy_eval import evaluate_policy
 
-    evaluation = evaluate_policy(
+    return evaluate_policy(
         policy, reference, tokenizer, reward.score, prompts, max_new_tokens=new_tokens
     )
-    return evaluation.policy_rewards, evaluation.kl
 
 
 def start_engine(path: str, folder: Path):
@@ -122,7 +124,9 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
     policy, tokenizer = load_causal_lm(path)
     reference, _ = load_causal_lm(path)
     train_prompts, eval_prompts = held_out_prompts(args.eval_prompts, args.eval_samples)
-    before, _ = evaluate(reference, reference, tokenizer, reward, eval_prompts, args.new_tokens)
+    before = evaluate(
+        reference, reference, tokenizer, reward, eval_prompts, args.new_tokens
+    ).policy_rewards
     del reference  # the trainers hold their own; the evaluation's is loaded again after
     gc.collect()
     server, engine, engine_start = None, None, 0.0
@@ -191,7 +195,19 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
     peak_gb = peak_memory_gb()
     reference, _ = load_causal_lm(path)
     trained.eval()
-    after, kl = evaluate(trained, reference, tokenizer, reward, eval_prompts, args.new_tokens)
+    evaluation = evaluate(trained, reference, tokenizer, reward, eval_prompts, args.new_tokens)
+    after, kl = evaluation.policy_rewards, evaluation.kl
+    gold = {}
+    if args.judge != "none":
+        # The gold judge (training/judge.py, trained once on human pairs, not the reward
+        # model optimized here): does the gain hold by a judge the trainer never saw?
+        from training.judge import GoldJudge, build_judge
+
+        judge = GoldJudge(build_judge(args.judge or None))
+        win = judge.win_rate(
+            evaluation.prompts, evaluation.policy_answers, evaluation.reference_answers
+        )
+        gold = {"gold_win_rate": win.rate, "gold_win_low": win.low, "gold_win_high": win.high}
     # Standard error of the gain, paired by prompt row (same question, same sampling seed).
     gains = [a - b for a, b in zip(after, before, strict=True)]
     reloads = [h.get("time/engine_reload_seconds", 0.0) for h in getattr(trainer, "history", [])]
@@ -208,6 +224,7 @@ def run_one(kind: str, args: argparse.Namespace) -> dict:
         "cpu_minutes": cpu / 60,
         "peak_gb": peak_gb,
         "gain_per_cpu_minute": statistics.fmean(gains) / (cpu / 60),
+        **gold,
     }
 
 
@@ -292,6 +309,12 @@ def main() -> None:
     parser.add_argument("--reward-epochs", type=float, default=1.0)
     parser.add_argument("--reward-lr", type=float, default=1e-4)
     parser.add_argument("--trainers", default="ppo,grpo", help="which to run, comma-separated")
+    parser.add_argument(
+        "--judge",
+        default="",
+        help="gold judge folder for the win rate against the starting policy (default: the "
+        "cached one of training/judge.py, built if missing; none: skip)",
+    )
     parser.add_argument(
         "--engines",
         default="hf",
@@ -379,11 +402,16 @@ def main() -> None:
         f"lr {args.lr}, KL coefficient {args.kl}, PPO epochs {args.ppo_epochs} of minibatches of {args.mini_batch}, GAE lambda {args.lam}, KL in PPO's loss {args.kl_loss}"
     )
     print(
-        f"{'trainer':<8}{'engine':<7}{'s/update':>10}{'reload s':>9}{'peak GB':>9}{'reward before':>15}{'after':>9}{'± s.e.':>8}{'KL':>8}{'gain / CPU-min':>16}"
+        f"{'trainer':<8}{'engine':<7}{'s/update':>10}{'reload s':>9}{'peak GB':>9}{'reward before':>15}{'after':>9}{'± s.e.':>8}{'KL':>8}{'gain / CPU-min':>16}{'gold win vs start [95%]':>26}"
     )
     for r in rows:
         print(
             f"{r['trainer']:<8}{r['engine']:<7}{r['seconds_per_update']:>10.1f}{r['reload_seconds_per_update']:>9.2f}{r['peak_gb']:>9.2f}{r['reward_before']:>15.4f}{r['reward_after']:>9.4f}{r['gain_se']:>8.4f}{r['kl']:>8.3f}{r['gain_per_cpu_minute']:>16.5f}"
+            + (
+                f"{r['gold_win_rate']:>9.3f} [{r['gold_win_low']:.3f}, {r['gold_win_high']:.3f}]"
+                if "gold_win_rate" in r
+                else f"{'-':>26}"
+            )
         )
 
 
