@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -465,7 +466,7 @@ def test_the_counterfactual_penalty_needs_fine_tuning(tmp_path, tiny_reward_back
         RewardTrainingConfig(method="lora")
 
 
-def test_auto_keeps_the_method_with_the_lower_validation_loss(tmp_path, tiny_reward_backbone_dir):
+def test_auto_keeps_fine_tuning_only_when_clearly_better(tmp_path, tiny_reward_backbone_dir):
     registry = Registry(tmp_path / "registry")
     config = RewardTrainingConfig(
         method="auto", max_length=64, dtype="float32", num_train_epochs=1, learning_rate=1e-3
@@ -478,14 +479,35 @@ def test_auto_keeps_the_method_with_the_lower_validation_loss(tmp_path, tiny_rew
         config,
     )
     auto = result.metrics["auto"]
-    losses = {"probe": auto["probe_validation_loss"], "finetune": auto["finetune_validation_loss"]}
-    assert auto["chosen"] == min(losses, key=losses.get) == result.metrics["method"]
+    # The one-standard-error rule: fine-tuning must win by more than the paired error.
+    clearly_better = auto["finetune_loss_gain"] > auto["standard_error"] > 0
+    assert auto["chosen"] == ("finetune" if clearly_better else "probe") == result.metrics["method"]
+    if auto["chosen"] == "finetune":
+        assert auto["finetune_validation_loss"] < auto["probe_validation_loss"]
     folder = result.version.path
     assert (folder / "reward_probe.json").is_file() == (auto["chosen"] == "probe")
     served = RewardModel.load(folder, dtype="float32")
     assert pairwise_accuracy(served, synthetic_pairs(40, 1)) == pytest.approx(
         result.metrics["accuracy_after"]
     )
+
+
+def test_paired_loss_gain_is_taken_over_prompts():
+    from training.reward import _paired_loss_gain
+
+    margin = torch.zeros(4)
+    probe = torch.zeros(4)  # loss ln 2 on every pair
+    # Prompt "a": fine-tuning right with confidence on both pairs; prompt "b": wrong on both.
+    tuned = torch.tensor([4.0, 4.0, -4.0, -4.0])
+    gain, error = _paired_loss_gain(probe, tuned, margin, ["a", "a", "b", "b"])
+    per_prompt = [math.log(2) - math.log1p(math.exp(-4)), math.log(2) - math.log1p(math.exp(4))]
+    assert gain == pytest.approx(sum(per_prompt) / 2)
+    # Two observations (prompts), not four pairs: std of the two means over sqrt(2).
+    spread = abs(per_prompt[0] - per_prompt[1]) / math.sqrt(2)
+    assert error == pytest.approx(spread / math.sqrt(2))
+    assert gain < error  # a loss mostly on one prompt does not make fine-tuning "clearly better"
+    one_prompt = _paired_loss_gain(probe[:2], tuned[:2], margin[:2], ["a", "a"])
+    assert one_prompt[1] == float("inf")
 
 
 def test_scoring_and_serving_do_not_import_trl():

@@ -73,11 +73,11 @@ from training.reward_probe import (
     LinearProbe,
     answer_key,
     answer_token_counts,
+    bradley_terry_figures,
     candidate_layers,
     fit_probe,
     is_probe,
     pooled_features,
-    probe_figures,
 )
 from training.settings import report_to
 
@@ -93,9 +93,9 @@ class RewardTrainingConfig:
         metadata={
             "help": "probe: a linear Bradley-Terry model on the frozen backbone's features "
             "(training/reward_probe.py; each answer read once, no backward pass); finetune: "
-            "train the backbone and a score head with TRL's RewardTrainer; auto: both, and "
-            "the one with the lower validation loss is kept (a warm start continues its "
-            "parent's method)."
+            "train the backbone and a score head with TRL's RewardTrainer; auto: both, "
+            "fine-tuning kept only when its validation loss is lower by more than one "
+            "standard error, else the probe (a warm start continues its parent's method)."
         },
     )
     learning_rate: float = field(
@@ -786,35 +786,52 @@ def _judged_pairs(
 
 
 def _probe_or_fine_tune(run: _Run, method: str) -> _Fitted:
-    """`probe`: a linear probe. `auto`: a probe and a fine-tuned model, and the one with the
-    lower Bradley-Terry loss on the validation split is kept (the probe then refitted on
-    the validation pairs too). With too few pairs for a validation split, `auto` keeps the
-    probe: it has two settings to choose, a fine-tuning run has millions of weights."""
+    """`probe`: a linear probe. `auto`: a probe and a fine-tuned model, compared pair by
+    pair on the validation split; fine-tuning is kept only when its Bradley-Terry loss there
+    is lower by more than one standard error of the paired difference (the one-standard-error
+    rule: otherwise the probe, which is deterministic, cheaper to retrain and has two settings
+    to choose where fine-tuning has millions of weights, is refitted on the validation pairs
+    too and kept). With too few pairs for a validation split, `auto` keeps the probe."""
     fit, validation, config = run.fit, run.validation, run.config
     sets = [fit] if validation is None else [fit, validation]
     probed = _fit_linear_probe(sets, run.backbone, run.current, config)
     comparison: dict[str, Any] = {}
     if method == "auto" and validation is not None:
         layer = probed.layers.index(probed.probe.layer)
-        rewards = probed.probe(probed.features[layer])
-        probe_loss, probe_accuracy = probe_figures(
-            probed.probe, probed.features[layer], probed.pairs(validation, config.use_margin)
+        pairs = probed.pairs(validation, config.use_margin)
+        probe_difference = probed.probe(probed.features[layer][pairs.chosen]) - probed.probe(
+            probed.features[layer][pairs.rejected]
         )
-        # The fine-tuned model's validation loss carries TRL's centring term; so does this.
-        probe_loss += (config.center_rewards_coefficient or 0.0) * float(rewards.pow(2).mean())
         tuned = _fine_tune(run, None)
-        tuned_loss = tuned.metrics["best_validation_loss"]
+        # The fine-tuned model as it will be served, on the same validation pairs.
+        served = RewardModel.load(run.staged, config.max_length, dtype=config.dtype)
+        tuned_difference = torch.as_tensor(
+            reward_differences(served.score, validation), dtype=torch.float32
+        )
+        gain, standard_error = _paired_loss_gain(
+            probe_difference, tuned_difference, pairs.margin, list(validation["prompt"])
+        )
+        probe_loss, probe_accuracy = bradley_terry_figures(probe_difference, pairs.margin)
+        tuned_loss, tuned_accuracy = bradley_terry_figures(tuned_difference, pairs.margin)
         comparison = {
             "probe_validation_loss": round(probe_loss, 5),
             "probe_validation_accuracy": round(probe_accuracy, 4),
-            "finetune_validation_loss": tuned_loss,
+            "finetune_validation_loss": round(tuned_loss, 5),
+            "finetune_validation_accuracy": round(tuned_accuracy, 4),
+            "finetune_loss_gain": round(gain, 5),
+            "standard_error": round(standard_error, 5),
         }
+        keep_tuned = gain > standard_error
         log.info(
-            "auto: validation loss %.4f for the linear probe, %s for fine-tuning",
-            probe_loss,
-            "none" if tuned_loss is None else f"{tuned_loss:.4f}",
+            "auto: validation loss %.4f for the linear probe, %.4f for fine-tuning "
+            "(gain %.4f, standard error %.4f): keeping %s",
+            comparison["probe_validation_loss"],
+            comparison["finetune_validation_loss"],
+            gain,
+            standard_error,
+            "fine-tuning" if keep_tuned else "the probe",
         )
-        if tuned_loss is not None and tuned_loss < probe_loss:
+        if keep_tuned:
             tuned.metrics = {**tuned.metrics, "auto": {**comparison, "chosen": "finetune"}}
             return tuned
         for path in list(run.staged.iterdir()):  # the fine-tuned files give way to the probe's
@@ -826,6 +843,27 @@ def _probe_or_fine_tune(run: _Run, method: str) -> _Fitted:
     if comparison:
         metrics["auto"] = {**comparison, "chosen": "probe"}
     return _Fitted(metrics=metrics, started_from=probed.started_from, method="probe")
+
+
+def _paired_loss_gain(
+    probe_difference: torch.Tensor,
+    tuned_difference: torch.Tensor,
+    margin: torch.Tensor,
+    prompts: Sequence[str],
+) -> tuple[float, float]:
+    """(how much lower fine-tuning's Bradley-Terry loss is than the probe's, its standard
+    error) on the same pairs. The pairs of one prompt share answers, so the error is taken
+    over prompts: each prompt's mean per-pair difference is one observation."""
+    per_pair = torch.nn.functional.softplus(-(probe_difference - margin)) - (
+        torch.nn.functional.softplus(-(tuned_difference - margin))
+    )
+    by_prompt: dict[str, list[float]] = {}
+    for prompt, value in zip(prompts, per_pair.tolist(), strict=True):
+        by_prompt.setdefault(prompt, []).append(value)
+    means = torch.tensor([sum(v) / len(v) for v in by_prompt.values()])
+    if len(means) < 2:
+        return float(means.mean()), float("inf")
+    return float(means.mean()), float(means.std() / len(means) ** 0.5)
 
 
 MIN_VALIDATION_PAIRS = 8

@@ -231,10 +231,10 @@ def _fit(z: torch.Tensor, pairs: JudgedPairs, l2: float) -> torch.Tensor:
 
 
 def _loss_and_accuracy(z: torch.Tensor, pairs: JudgedPairs, w: torch.Tensor) -> tuple[float, float]:
-    return _bradley_terry_figures((z[pairs.chosen] - z[pairs.rejected]) @ w, pairs.margin)
+    return bradley_terry_figures((z[pairs.chosen] - z[pairs.rejected]) @ w, pairs.margin)
 
 
-def _bradley_terry_figures(difference: torch.Tensor, margin: torch.Tensor) -> tuple[float, float]:
+def bradley_terry_figures(difference: torch.Tensor, margin: torch.Tensor) -> tuple[float, float]:
     """(Bradley-Terry loss, accuracy) of reward differences r(chosen) - r(rejected)."""
     loss = float(torch.nn.functional.softplus(-(difference - margin)).mean())
     return loss, float((difference > 0).float().mean())
@@ -296,15 +296,6 @@ def fit_probe(
         "grid": grid,
     }
     return LinearProbe(chosen_layer, weight, -float(center @ weight), selection=selection)
-
-
-def probe_figures(
-    probe: LinearProbe, features: torch.Tensor, pairs: JudgedPairs
-) -> tuple[float, float]:
-    """(Bradley-Terry loss, accuracy) of a fitted probe on pairs of `features` [n, hidden]
-    at its layer: how `auto` compares it with a fine-tuned model on the validation split."""
-    difference = probe(features[pairs.chosen]) - probe(features[pairs.rejected])
-    return _bradley_terry_figures(difference, pairs.margin)
 
 
 def candidate_layers(model: PreTrainedModel) -> list[int]:

@@ -171,8 +171,9 @@ class Settings:
     reward_method: str = field(
         default="auto",
         metadata={
-            "help": "How a reward model is fitted: auto (a linear probe and fine-tuning, the "
-            "lower validation loss kept; warm starts continue their parent's method), probe "
+            "help": "How a reward model is fitted: auto (a linear probe and fine-tuning; "
+            "fine-tuning kept only when its validation loss is lower by more than one "
+            "standard error; warm starts continue their parent's method), probe "
             "(a linear model on the frozen backbone's features: fast, no backward pass) or "
             "finetune (the whole backbone, TRL's RewardTrainer)."
         },

@@ -38,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--method",
         choices=["auto", "probe", "finetune"],
         help="probe: a linear model on the frozen backbone's features (fast); finetune: the "
-        "whole backbone; auto: both, the lower validation loss kept (default: "
+        "whole backbone; auto: both, fine-tuning kept only when clearly better on "
+        "validation, else the probe (default: "
         "LS_RLHF_REWARD_METHOD, auto)",
     )
     parser.add_argument("--learning-rate", type=float)
@@ -219,7 +220,8 @@ def describe_fit(m: dict) -> str:
         a = m["auto"]
         chosen = (
             f"auto chose {a['chosen']} (validation loss: probe {_loss(a['probe_validation_loss'])}, "
-            f"fine-tuning {_loss(a['finetune_validation_loss'])}); "
+            f"fine-tuning {_loss(a['finetune_validation_loss'])}; fine-tuning is kept only when "
+            f"lower by more than its standard error, {_loss(a.get('standard_error'))}); "
         )
     if m.get("method") == "probe":
         return (
