@@ -52,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
             self.cfg.set("threads", args.threads)
             self.cfg.set("timeout", args.timeout)
             self.cfg.set("accesslog", "-")
+            # gunicorn 25+ opens a control socket at one path per user ($HOME/.gunicorn/):
+            # each new backend on the machine would take it over from the last. Nothing here
+            # uses gunicornc; stop the replicas with signals, as the harness does.
+            self.cfg.set("control_socket_disable", True)
 
         def load(self):
             return create_app(settings)
