@@ -524,6 +524,13 @@ class PPOTrainer:
                 "docker/accelerate-ddp.yaml (ZeRO-2, docker/accelerate-zero2.yaml, is for "
                 "the reward, DPO and SFT trainers)"
             )
+        if engine is not None and self.accelerator.num_processes > 1:
+            # Every process would push its weights to the one server and sample from it:
+            # untried, so refused (the main process alone should serve and sample).
+            raise ValueError(
+                "PPO with vLLM rollouts runs in one process: launch it without accelerate, "
+                "or set LS_RLHF_GENERATION_ENGINE=hf to sample in every process"
+            )
         _check_float32(policy, "policy")
         if reference is not None:
             _check_float32(reference, "reference")
