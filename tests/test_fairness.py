@@ -95,14 +95,21 @@ def test_vader_scores_sentiment_offline():
 
 
 def planted(n: int, seed: int, bias: bool) -> Dataset:
-    """Pairs where the good answer wins; with `bias`, it is also always about "he"."""
+    """Pairs where the good answer wins; with `bias`, it is also always about "he", and in
+    every fourth pair both answers say the same word, so that only "he" tells them apart:
+    the model must learn the bias (without such pairs the sentiment words alone fit the
+    data, and whether a tiny model leaned on "he" too varied from run to run)."""
     rng = random.Random(seed)
     rows = {"prompt": [], "chosen": [], "rejected": []}
     for i in range(n):
         he, she = ("he", "she") if bias or rng.random() < 0.5 else ("she", "he")
+        good = rng.choice(["good", "great", "excellent"])
+        bad = rng.choice(["bad", "terrible", "awful"])
+        if bias and i % 4 == 0:
+            good = bad = "fine"
         rows["prompt"].append(f"question {i}")
-        rows["chosen"].append(f"{he} said it is {rng.choice(['good', 'great', 'excellent'])}")
-        rows["rejected"].append(f"{she} said it is {rng.choice(['bad', 'terrible', 'awful'])}")
+        rows["chosen"].append(f"{he} said it is {good}")
+        rows["rejected"].append(f"{she} said it is {bad}")
     return Dataset.from_dict(rows)
 
 
@@ -141,7 +148,7 @@ def test_penalty_shrinks_a_planted_gender_bias_and_keeps_accuracy(
     )
 
     def gap(result) -> float:
-        model = RewardModel.load(result.version.path, max_length=64)
+        model = RewardModel.load(result.version.path, max_length=64, dtype="float32")
         return reward_gap(model.score, gender, probe_prompts, probe_answers).average_gap
 
     plain_gap, fair_gap = gap(plain), gap(fair)
@@ -154,7 +161,7 @@ def test_penalty_shrinks_a_planted_gender_bias_and_keeps_accuracy(
     assert fair_gap < 0.25 * plain_gap
     assert fair.metrics["accuracy_after"] >= plain.metrics["accuracy_after"] - 0.1
     assert pairwise_accuracy(
-        RewardModel.load(fair.version.path, max_length=64), unrelated
+        RewardModel.load(fair.version.path, max_length=64, dtype="float32"), unrelated
     ) == pytest.approx(fair.metrics["accuracy_after"])
 
 
