@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from playwright.sync_api import expect
 from test_labeling_ui import page  # noqa: F401 - the Chromium fixture
 from tiny_models import build_steered_policy
 
@@ -116,8 +117,11 @@ def test_the_cut_answer_is_marked_in_chromium(
     page.goto(f"{label_studio.url}/projects/{project.id}/data?task={ids[cut['prompt']]}")
     labeling = page.locator(".lsf-main-view")  # not the data manager's table beside it
     note = labeling.get_by_text(cut_note(64))
-    note.first.wait_for(timeout=60_000)
-    assert note.count() == 1  # under B only
+    # Label Studio re-renders the labeling view once its data manager has loaded (the URL
+    # gains &tab=N): count only after that, and with a retrying assertion.
+    page.get_by_test_id("bottombar-submit-button").wait_for(timeout=60_000)
+    page.wait_for_load_state("networkidle")
+    expect(note).to_have_count(1, timeout=30_000)  # under B only
     a = labeling.get_by_text(cut["answer1"]).first.bounding_box()
     b = labeling.get_by_text(cut["answer2"]).first.bounding_box()
     shown = note.first.bounding_box()
