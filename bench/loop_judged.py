@@ -73,11 +73,12 @@ def sample_answers(
     model_path: str, prompts: list[str], settings: Settings, samples: int, seed: int
 ):
     """`samples` answers per prompt with the loop's sampling settings, flattened:
-    (prompts repeated, answers)."""
+    (prompts repeated, answers, whether the length limit cut each)."""
     from training.generation import generate_completions
     from training.models import load_causal_lm
 
     model, tokenizer = load_causal_lm(model_path, dtype=settings.dtype)
+    truncated: list[list[bool]] = []
     completions = generate_completions(
         model,
         tokenizer,
@@ -88,9 +89,10 @@ def sample_answers(
         settings.top_p,
         settings.generation_batch_size,
         seed,
+        truncated=truncated,
     )
     repeated = [p for p in prompts for _ in range(samples)]
-    return repeated, [a for c in completions for a in c]
+    return repeated, [a for c in completions for a in c], [t for c in truncated for t in c]
 
 
 def measure_policy(
@@ -110,12 +112,14 @@ def measure_policy(
     from training.policy_eval import sequence_kl
     from training.reward import RewardModel
 
-    repeated, answers = sample_answers(policy_path, prompts, settings, samples, seed)
+    repeated, answers, cut = sample_answers(policy_path, prompts, settings, samples, seed)
     win = judge.win_rate(repeated, answers, base_answers)
     policy, tokenizer = load_causal_lm(policy_path, dtype="float32")
     base, _ = load_causal_lm(base_path, dtype="float32")
     kl = (
-        sequence_kl(policy, base, tokenizer, repeated, answers) if policy_path != base_path else 0.0
+        sequence_kl(policy, base, tokenizer, repeated, answers, cut)
+        if policy_path != base_path
+        else 0.0
     )
     gold = judge.scores(repeated, answers)
     figures = {
@@ -306,7 +310,7 @@ def main() -> None:
     base_path = resolve_policy(settings.policy_model, settings.models_cache_dir)
 
     # The base policy's held-out answers, once: every round's policy is compared with them.
-    held_repeated, base_answers = sample_answers(
+    held_repeated, base_answers, _ = sample_answers(
         base_path, held_prompts, settings, args.samples, args.seed + 1
     )
     base_gold = judge.scores(held_repeated, base_answers)

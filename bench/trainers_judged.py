@@ -217,7 +217,7 @@ def main() -> None:
     )
     registry = Registry(settings.registry_dir)
     base = resolve_policy(settings.policy_model, settings.models_cache_dir)
-    _, base_answers = sample_answers(base, held_prompts, settings, 1, args.seed + 1)
+    _, base_answers, _ = sample_answers(base, held_prompts, settings, 1, args.seed + 1)
     base_rouge = rouge_l(base_answers, references)
     rows = [
         {
@@ -240,13 +240,13 @@ def main() -> None:
         t0 = time.monotonic()
         path, trained = train(name, train_records, registry, base, settings, args)
         train_minutes = (time.monotonic() - t0) / 60
-        _, answers = sample_answers(path, held_prompts, settings, 1, args.seed + 1)
+        _, answers, cut = sample_answers(path, held_prompts, settings, 1, args.seed + 1)
         win = judge.win_rate(held_prompts, answers, base_answers)
         scores = rouge_l(answers, references)
         low, high = paired_interval(scores, base_rouge, args.seed)
         policy, tokenizer = load_causal_lm(path, dtype="float32")
         reference, _ = load_causal_lm(base, dtype="float32")
-        kl = sequence_kl(policy, reference, tokenizer, held_prompts, answers)
+        kl = sequence_kl(policy, reference, tokenizer, held_prompts, answers, cut)
         del policy, reference
         row = {
             "trainer": name,

@@ -21,7 +21,14 @@ from training.datasets import preference_dataset
 from training.export import pull_export
 from training.feedback import parse_export
 from training.finegrained import load_finegrained
-from training.judge import JUDGE_FILE, GoldJudge, build_judge, flip_rate_for_agreement
+from training.judge import (
+    DEGENERATE_KINDS,
+    JUDGE_FILE,
+    GoldJudge,
+    build_judge,
+    degenerate_pairs,
+    flip_rate_for_agreement,
+)
 from training.registry import Registry
 from training.reward import RewardTrainingConfig
 
@@ -132,6 +139,10 @@ def test_build_judge_trains_once_through_train_reward(
     )
     info = json.loads((folder / JUDGE_FILE).read_text())
     assert info["train_pairs"] > 0 and info["held_out_pairs"] > 0
+    assert info["degenerate_pairs"] > 0
+    degenerate = info["held_out_degenerate_accuracy"]
+    assert set(degenerate) <= set(DEGENERATE_KINDS) and "empty" in degenerate
+    assert all(0 <= v <= 1 for v in degenerate.values())
     assert info["config"]["seed"] == 1 and 0 <= info["held_out_accuracy"] <= 1
     weights = next(folder.glob("*.safetensors"))
     stamp = weights.stat().st_mtime_ns
@@ -307,3 +318,22 @@ def test_demo_simulate_with_the_judge_plays_rounds_of_the_policys_own_answers(
     assert all(
         t.total_annotations == 1 for t in tasks if t.data.get("policy_version") != "policy-v2"
     )
+
+
+def test_degenerate_pairs_put_each_chosen_answer_against_worse_versions_of_itself():
+    pairs = [
+        {"prompt": "q1", "chosen": "paris is the capital of france", "rejected": "rome"},
+        {"prompt": "q1", "chosen": "paris is the capital of france", "rejected": "lyon"},
+        {"prompt": "q2", "chosen": "water boils at one hundred degrees", "rejected": "at fifty"},
+        {"prompt": "q3", "chosen": "no", "rejected": "yes it is"},
+    ]
+    out = degenerate_pairs(pairs, seed=0)
+    by = {(p["prompt"], p["kind"]): p for p in out}
+    assert {k for q, k in by if q == "q1"} == set(DEGENERATE_KINDS)
+    assert {k for q, k in by if q == "q3"} == {"empty", "off_topic"}  # too short to cut or loop
+    assert all(p["chosen"] == "paris is the capital of france" for p in out if p["prompt"] == "q1")
+    assert by[("q1", "empty")]["rejected"] == ""
+    assert by[("q1", "cut")]["rejected"] == "paris is"
+    assert by[("q1", "loop")]["rejected"] == " ".join(["paris is the capital"] * 4)
+    assert by[("q2", "off_topic")]["rejected"] in {"paris is the capital of france", "no"}
+    assert degenerate_pairs(pairs, seed=0) == out  # seeded

@@ -83,3 +83,37 @@ def test_eval_policy_command_writes_a_report(
     assert samples[0] == ["prompt", "policy-base", "policy-v1"]
     assert [row[0] for row in samples[1:]] == ["what is water", "name a city", "say hello"]
     assert all(len(row) == 3 for row in samples)
+
+
+def test_the_kl_of_an_answer_counts_the_end_token_the_model_chose(tiny_policy_dir):
+    """An empty answer is the end token alone: its KL is that token's log-ratio, not 0 (a
+    policy pushed into writing nothing read KL 0 in the judged loop). A cut answer has no
+    end token, so it is not counted there."""
+    import torch
+
+    from training.generation import render_prompt
+
+    reference, tokenizer = load_causal_lm(str(tiny_policy_dir))
+    policy, _ = load_causal_lm(str(tiny_policy_dir))
+    with torch.no_grad():
+        policy.lm_head.weight.add_(0.5 * torch.randn_like(policy.lm_head.weight))
+    prompt = "a question"
+    context = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    end = policy.generation_config.eos_token_id
+    end = end[0] if isinstance(end, list) else end
+    if end is None:
+        end = tokenizer.eos_token_id
+    ids = torch.tensor([context])
+
+    @torch.no_grad()
+    def log_p_end(model) -> float:
+        return float(torch.log_softmax(model(ids).logits[0, -1], -1)[end])
+
+    expected = log_p_end(policy) - log_p_end(reference)
+    assert expected != 0.0
+    kl = sequence_kl(policy, reference, tokenizer, [prompt], [""])
+    assert abs(kl - expected) < 1e-4
+    assert sequence_kl(policy, reference, tokenizer, [prompt], [""], [True]) == 0.0
+    with_end = sequence_kl(policy, reference, tokenizer, [prompt], ["some answer"], [False])
+    cut = sequence_kl(policy, reference, tokenizer, [prompt], ["some answer"], [True])
+    assert with_end != cut

@@ -20,6 +20,16 @@ What keeps it independent of the proxy the loop trains:
   and 12). `build_judge(backbone=...)` takes any other. A shared backbone makes the judge
   easier for the proxy to imitate than people would be; the figures are read with that in mind.
 
+Degenerate answers. A reward model trained on people's pairs alone has never seen an empty,
+cut-off, looping or off-topic answer, and scores them arbitrarily: the first judge (trained on
+the human pairs only) preferred an empty answer to the base policy's in 16 of 20 held-out
+questions, so a policy that wrote nothing "won". No person would prefer those, so the judge
+also learns, for every training question, one pair of each `DEGENERATE_KINDS`: an answer
+people preferred against the same answer emptied, cut to its first third, looped on its
+first words, and against a preferred answer to another question (`degenerate_pairs`). Its
+held-out accuracy is measured on the human pairs alone, and its rejection of each kind on
+the held-out questions (`judge.json`).
+
 Built once and cached as a plain HF folder (default `~/.cache/ls-rlhf/judges/<name>`), with
 `judge.json` saying how it was built and its held-out accuracy on the last 100 questions.
 
@@ -59,7 +69,7 @@ from training.reward import RewardModel, RewardTrainingConfig, train_reward
 
 HUMAN_AGREEMENT = 0.726  # InstructGPT (Ouyang et al., 2022), agreement among training labelers
 JUDGE_FILE = "judge.json"
-DEFAULT_JUDGE_NAME = "finegrained-minilm-seed1"
+DEFAULT_JUDGE_NAME = "finegrained-minilm-seed1-degenerate"
 # Another seed and configuration than the loop's proxy (see the module docstring).
 JUDGE_CONFIG = RewardTrainingConfig(
     method="finetune",
@@ -70,6 +80,9 @@ JUDGE_CONFIG = RewardTrainingConfig(
     seed=1,
     max_length=256,
 )
+
+
+DEGENERATE_KINDS = ("empty", "cut", "loop", "off_topic")
 
 
 def default_judges_dir() -> Path:
@@ -83,6 +96,44 @@ def flip_rate_for_agreement(agreement: float) -> float:
     if not 0.5 <= agreement <= 1.0:
         raise ValueError(f"agreement must be within [0.5, 1] (chance to always), not {agreement}")
     return (1 - math.sqrt(2 * agreement - 1)) / 2
+
+
+def degenerate_pairs(pairs: Any, seed: int = 1) -> list[dict[str, str]]:
+    """For each prompt of `pairs` (prompt/chosen/rejected rows), one pair of each
+    `DEGENERATE_KINDS`: an answer people chose there against that answer emptied (`empty`),
+    cut to its first third of words (`cut`), looping on its first four words (`loop`), and
+    against an answer people chose for another prompt (`off_topic`). A `kind` column says
+    which. Answers of fewer than three words get no `cut` or `loop` pair."""
+    rng = random.Random(seed)
+    chosen: dict[str, list[str]] = {}
+    for row in pairs:
+        if row["chosen"].strip():
+            chosen.setdefault(row["prompt"], []).append(row["chosen"])
+    prompts = list(chosen)
+    out: list[dict[str, str]] = []
+    for prompt in prompts:
+        answer = rng.choice(sorted(set(chosen[prompt])))
+        words = answer.split()
+        worse = {"empty": ""}
+        if len(words) >= 3:
+            worse["cut"] = " ".join(words[: max(1, len(words) // 3)])
+            worse["loop"] = " ".join(words[:4] * 4)
+        if len(prompts) > 1:
+            other = rng.choice([p for p in prompts if p != prompt])
+            worse["off_topic"] = rng.choice(chosen[other])
+        for kind, rejected in worse.items():
+            out.append({"prompt": prompt, "chosen": answer, "rejected": rejected, "kind": kind})
+    return out
+
+
+def degenerate_accuracy(model: RewardModel, pairs: Sequence[dict[str, str]]) -> dict[str, float]:
+    """Per kind, the share of `degenerate_pairs` where `model` scores the real answer higher."""
+    chosen = model.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    rejected = model.score([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+    hits: dict[str, list[bool]] = {}
+    for pair, c, r in zip(pairs, chosen, rejected, strict=True):
+        hits.setdefault(pair["kind"], []).append(c > r)
+    return {kind: round(sum(v) / len(v), 4) for kind, v in hits.items()}
 
 
 def build_judge(
@@ -104,7 +155,16 @@ def build_judge(
     backbone = resolve_reward_backbone(backbone or "default")
     records = load_finegrained(Path(data_path))
     train_records, held_out = finegrained_split(records, train_questions)
-    train, test = preference_pairs(train_records), preference_pairs(held_out)
+    from datasets import Dataset, concatenate_datasets
+
+    human, test = preference_pairs(train_records), preference_pairs(held_out)
+    negatives = degenerate_pairs(human, seed=config.seed)
+    train = concatenate_datasets(
+        [
+            human.select_columns(["prompt", "chosen", "rejected"]),
+            Dataset.from_list(negatives).select_columns(["prompt", "chosen", "rejected"]),
+        ]
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = target.parent / f".building-{target.name}-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
@@ -116,17 +176,25 @@ def build_judge(
             Registry(scratch),
             backbone,
             config,
-            data_info={"source": "finegrainedrlhf human pairs", "questions": len(train_records)},
+            data_info={
+                "source": "finegrainedrlhf human pairs and degenerate answers",
+                "questions": len(train_records),
+            },
+        )
+        held_out_degenerate = degenerate_accuracy(
+            RewardModel.load(result.version.path), degenerate_pairs(test, seed=config.seed)
         )
         (result.version.path / JUDGE_FILE).write_text(
             json.dumps(
                 {
                     "backbone": backbone,
                     "config": asdict(config),
-                    "train_pairs": len(train),
+                    "train_pairs": len(human),
+                    "degenerate_pairs": len(negatives),
                     "held_out_pairs": len(test),
                     "held_out_accuracy": result.metrics["accuracy_after"],
                     "longer_answer_accuracy": result.metrics["longer_answer_accuracy"],
+                    "held_out_degenerate_accuracy": held_out_degenerate,
                     "build_seconds": round(time.perf_counter() - started, 1),
                 },
                 indent=2,

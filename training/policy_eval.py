@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,12 +70,25 @@ class PolicyEvaluation:
 
 
 @torch.no_grad()
-def sequence_kl(policy, reference, tokenizer, prompts: list[str], answers: list[str]) -> float:
-    """Mean over answers of sum_t (log pi - log pi_ref) of the answer tokens."""
+def sequence_kl(
+    policy,
+    reference,
+    tokenizer,
+    prompts: list[str],
+    answers: list[str],
+    truncated: Sequence[bool] | None = None,
+) -> float:
+    """Mean over answers of sum_t (log pi - log pi_ref) over the answer's tokens and, where
+    the model ended the answer itself (not `truncated`, which defaults to all False), its
+    end-of-sequence token: choosing to stop is part of the answer, and an empty answer is
+    then that one token, not a KL of nothing."""
+    end = _end_token_id(policy, tokenizer)
     total = 0.0
-    for prompt, answer in zip(prompts, answers, strict=True):
+    for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
         context = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
         tokens = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if end is not None and not (truncated is not None and truncated[i]):
+            tokens = [*tokens, end]
         if not tokens:
             continue
         ids = torch.tensor([context + tokens], device=policy.device)
@@ -85,6 +99,15 @@ def sequence_kl(policy, reference, tokenizer, prompts: list[str], answers: list[
             - _answer_logprob(reference, ids, targets, len(context))
         )
     return total / max(1, len(answers))
+
+
+def _end_token_id(model, tokenizer) -> int | None:
+    """The token generation stops on (the generation config's first, as the chat models set
+    it, else the tokenizer's)."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return eos if eos is not None else tokenizer.eos_token_id
 
 
 def _answer_logprob(
@@ -136,7 +159,9 @@ def evaluate_policy(
         reference_answers=reference_answers,
         policy_rewards=score(prompts, policy_answers),
         reference_rewards=score(prompts, reference_answers),
-        kl=sequence_kl(policy, reference, tokenizer, prompts, policy_answers),
+        kl=sequence_kl(
+            policy, reference, tokenizer, prompts, policy_answers, policy_truncated or None
+        ),
         policy_truncated=policy_truncated,
         reference_truncated=reference_truncated,
         max_new_tokens=max_new_tokens,
