@@ -337,3 +337,5 @@ def test_degenerate_pairs_put_each_chosen_answer_against_worse_versions_of_itsel
     assert by[("q1", "loop")]["rejected"] == " ".join(["paris is the capital"] * 4)
     assert by[("q2", "off_topic")]["rejected"] in {"paris is the capital of france", "no"}
     assert degenerate_pairs(pairs, seed=0) == out  # seeded
+    one = degenerate_pairs(pairs, seed=0, per_prompt=1)
+    assert sorted(p["prompt"] for p in one) == ["q1", "q2", "q3"]

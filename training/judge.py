@@ -24,9 +24,9 @@ Degenerate answers. A reward model trained on people's pairs alone has never see
 cut-off, looping or off-topic answer, and scores them arbitrarily: the first judge (trained on
 the human pairs only) preferred an empty answer to the base policy's in 16 of 20 held-out
 questions, so a policy that wrote nothing "won". No person would prefer those, so the judge
-also learns, for every training question, one pair of each `DEGENERATE_KINDS`: an answer
-people preferred against the same answer emptied, cut to its first third, looped on its
-first words, and against a preferred answer to another question (`degenerate_pairs`). Its
+also learns, for every training question, one pair of a `DEGENERATE_KINDS` drawn at random:
+an answer people preferred against the same answer emptied, cut to its first third, looped
+on its first words, or against a preferred answer to another question (`degenerate_pairs`). Its
 held-out accuracy is measured on the human pairs alone, and its rejection of each kind on
 the held-out questions (`judge.json`).
 
@@ -83,6 +83,10 @@ JUDGE_CONFIG = RewardTrainingConfig(
 
 
 DEGENERATE_KINDS = ("empty", "cut", "loop", "off_topic")
+# One degenerate pair per training question, of a kind drawn at random: with all four kinds
+# (1,560 pairs beside 2,104 human ones) the easy pairs crowded out the human signal (held-out
+# human-pair accuracy 0.529, against 0.551 with one, every kind still rejected 0.70-1.0).
+DEGENERATE_PER_PROMPT = 1
 
 
 def default_judges_dir() -> Path:
@@ -98,12 +102,15 @@ def flip_rate_for_agreement(agreement: float) -> float:
     return (1 - math.sqrt(2 * agreement - 1)) / 2
 
 
-def degenerate_pairs(pairs: Any, seed: int = 1) -> list[dict[str, str]]:
+def degenerate_pairs(
+    pairs: Any, seed: int = 1, per_prompt: int | None = None
+) -> list[dict[str, str]]:
     """For each prompt of `pairs` (prompt/chosen/rejected rows), one pair of each
-    `DEGENERATE_KINDS`: an answer people chose there against that answer emptied (`empty`),
-    cut to its first third of words (`cut`), looping on its first four words (`loop`), and
-    against an answer people chose for another prompt (`off_topic`). A `kind` column says
-    which. Answers of fewer than three words get no `cut` or `loop` pair."""
+    `DEGENERATE_KINDS` (or of `per_prompt` of them drawn at random): an answer people chose
+    there against that answer emptied (`empty`), cut to its first third of words (`cut`),
+    looping on its first four words (`loop`), and against an answer people chose for another
+    prompt (`off_topic`). A `kind` column says which. Answers of fewer than three words get
+    no `cut` or `loop` pair."""
     rng = random.Random(seed)
     chosen: dict[str, list[str]] = {}
     for row in pairs:
@@ -121,7 +128,11 @@ def degenerate_pairs(pairs: Any, seed: int = 1) -> list[dict[str, str]]:
         if len(prompts) > 1:
             other = rng.choice([p for p in prompts if p != prompt])
             worse["off_topic"] = rng.choice(chosen[other])
-        for kind, rejected in worse.items():
+        kinds = sorted(worse)
+        if per_prompt is not None:
+            kinds = sorted(rng.sample(kinds, min(per_prompt, len(kinds))))
+        for kind in kinds:
+            rejected = worse[kind]
             out.append({"prompt": prompt, "chosen": answer, "rejected": rejected, "kind": kind})
     return out
 
@@ -158,7 +169,7 @@ def build_judge(
     from datasets import Dataset, concatenate_datasets
 
     human, test = preference_pairs(train_records), preference_pairs(held_out)
-    negatives = degenerate_pairs(human, seed=config.seed)
+    negatives = degenerate_pairs(human, seed=config.seed, per_prompt=DEGENERATE_PER_PROMPT)
     train = concatenate_datasets(
         [
             human.select_columns(["prompt", "chosen", "rejected"]),
