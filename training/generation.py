@@ -101,6 +101,10 @@ def generate_completions(
             num_return_sequences=num_completions,
             min_new_tokens=min_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
+            # A loop job once died here on "probability tensor contains inf/nan" with a
+            # PPO-trained policy in bfloat16 (not reproduced outside the job): one bad row
+            # should not fail the round, so non-finite logits are cleaned before sampling.
+            remove_invalid_values=True,
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
