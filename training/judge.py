@@ -109,7 +109,7 @@ def degenerate_pairs(
     `DEGENERATE_KINDS` (or of `per_prompt` of them drawn at random): an answer people chose
     there against that answer emptied (`empty`), cut to its first third of words (`cut`),
     looping on its first four words (`loop`), and against an answer people chose for another
-    prompt (`off_topic`). A `kind` column says which. Answers of fewer than three words get
+    prompt (`off_topic`). A `kind` key says which. Answers of fewer than three words get
     no `cut` or `loop` pair."""
     rng = random.Random(seed)
     chosen: dict[str, list[str]] = {}
