@@ -352,10 +352,10 @@ def simulate(
         accuracy = metrics.get("accuracy_after")
         print(
             f"{number:>5} {total:>11} {metrics.get('reward_version', '-'):>15} "
-            f"{accuracy if accuracy is None else format(accuracy, '.3f'):>12} {policy.label if policy else 'base':>12} {mean:>11.3f} {served:>21}",
+            f"{'n/a' if accuracy is None else format(accuracy, '.3f'):>12} {policy.label if policy else 'base':>12} {mean:>11.3f} {served:>21}",
             flush=True,
         )
-        if "live_accuracy" in metrics:
+        if metrics.get("live_accuracy") is not None:
             print(
                 f"      the served proxy ranked {metrics['live_accuracy']:.3f} of "
                 f"{metrics['fresh_pairs']} fresh labels of {metrics['fresh_labels_of']} right",
