@@ -227,6 +227,16 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=128, help="comparisons labelled per round")
     parser.add_argument("--updates", type=int, default=40, help="PPO updates per round")
     parser.add_argument("--lr", type=float, default=5e-5, help="PPO learning rate of the loop")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="responses per PPO rollout of the loop"
+    )
+    parser.add_argument(
+        "--prompt-pool",
+        type=int,
+        default=400,
+        help="training questions the loop draws its rounds and PPO prompts from "
+        "(LS_RLHF_LOOP_PROMPTS; 0: the first round's --per-round questions only)",
+    )
     parser.add_argument("--max-kl", type=float, default=0.0, help="the alarm's KL bound (0: none)")
     parser.add_argument(
         "--alarm-accuracy-drop",
@@ -278,7 +288,9 @@ def main() -> None:
 
     records = load_finegrained(DEFAULT_PATH)
     train_records, held = finegrained_split(records)
-    train_prompts = list(dict.fromkeys(r["question"] for r in train_records))[: args.per_round]
+    questions = list(dict.fromkeys(r["question"] for r in train_records))
+    pool = questions[: args.prompt_pool]
+    train_prompts = (pool or questions)[: args.per_round]
     held_prompts = list(dict.fromkeys(r["question"] for r in held))[: args.held_out]
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-loop-judged-"))
@@ -290,6 +302,8 @@ def main() -> None:
         loop_policy="ppo",
         loop_policy_updates=args.updates,
         loop_policy_learning_rate=args.lr,
+        loop_policy_batch_size=args.batch_size,
+        loop_prompts=str(workdir / "prompts.jsonl") if pool else "",
         loop_max_kl=args.max_kl,
         loop_alarm_accuracy_drop=(
             base_settings.loop_alarm_accuracy_drop
@@ -301,6 +315,10 @@ def main() -> None:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
     )
+    if pool:
+        Path(settings.loop_prompts).write_text(
+            "".join(json.dumps({"prompt": p}) + "\n" for p in pool), encoding="utf-8"
+        )
     (settings.home / "models").mkdir(parents=True, exist_ok=True)
     cached = base_settings.models_cache_dir / "SmolLM2-135M-Instruct"
     if cached.is_dir():  # reuse the converted default policy
@@ -340,6 +358,8 @@ def main() -> None:
             "per_round",
             "updates",
             "lr",
+            "batch_size",
+            "prompt_pool",
             "max_kl",
             "held_out",
             "samples",
@@ -403,8 +423,17 @@ def main() -> None:
                 served_policy = registry.current("policy")
                 policy_path = str(served_policy.path) if served_policy else base_path
                 metrics["policy_version"] = served_policy.label if served_policy else "base"
+                listed = list(ls.tasks.list(project=project.id))
+                asked = [{"data": task.data} for task in listed]
                 next_round(
-                    settings, studio.url, studio.token, project.id, xml, train_prompts, registry
+                    settings,
+                    studio.url,
+                    studio.token,
+                    project.id,
+                    xml,
+                    pool or train_prompts,
+                    registry,
+                    asked,
                 )
             reward = registry.current("reward")
             figures = measure_policy(

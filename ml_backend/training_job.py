@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -68,8 +69,8 @@ def run_training(
     if "policy_version" in metrics and settings.next_round > 0:
         progress(0.98, "generating the next round of tasks")
         registry = lineage(settings.registry_dir, job.project_id, claim=True)
-        prompts = prompts_from_tasks(tasks, config)
-        created = next_round(settings, url, key, job.project_id, config, prompts, registry)
+        prompts = loop_prompts(settings, tasks, config)
+        created = next_round(settings, url, key, job.project_id, config, prompts, registry, tasks)
         metrics["next_round_tasks"] = created
         metrics["message"] += f"; {created} new tasks from it"
     return metrics
@@ -223,7 +224,7 @@ def train_on_export(
     }
     if result.promoted and settings.loop_policy != "none":
         progress(0.96, f"policy step ({settings.loop_policy})")
-        prompts = prompts_from_tasks(tasks, config)
+        prompts = loop_prompts(settings, tasks, config)
         policy = policy_step(settings, registry, prompts, split["train"], job, live)
         metrics.update(policy)
         metrics["message"] += f"; {policy['policy_version']} trained with {settings.loop_policy}"
@@ -303,6 +304,7 @@ def policy_step(
         RewardModel.load(reward_version.path).score,
         PPOConfig(
             updates=settings.loop_policy_updates,
+            batch_size=settings.loop_policy_batch_size,
             learning_rate=settings.loop_policy_learning_rate,
             seed=settings.seed,
         ),
@@ -331,6 +333,28 @@ def policy_step(
     }
 
 
+def loop_prompts(settings: Settings, tasks: list[dict[str, Any]], config: str) -> list[str]:
+    """The prompts the loop writes its next rounds from and trains the policy on: the
+    LS_RLHF_LOOP_PROMPTS file's, or else the project's own tasks'."""
+    if not settings.loop_prompts:
+        return prompts_from_tasks(tasks, config)
+    from ml_backend.tasks import read_prompts
+
+    return list(dict.fromkeys(read_prompts(settings.loop_prompts)))
+
+
+def least_asked(prompts: list[str], tasks: list[dict[str, Any]], config: str, n: int) -> list[str]:
+    """`n` prompts, those the project's tasks ask least first (in the prompts' order among
+    equals), so that rounds in a row ask about new prompts before they repeat one; with
+    fewer than `n` prompts, they repeat in turn."""
+    from training.label_config import read_schema
+
+    field = read_schema(config).prompt_field
+    asked = Counter((task.get("data") or {}).get(field) for task in tasks)
+    order = sorted(range(len(prompts)), key=lambda i: (asked[prompts[i]], i))
+    return [prompts[order[i % len(order)]] for i in range(n)]
+
+
 def next_round(
     settings: Settings,
     url: str,
@@ -339,8 +363,10 @@ def next_round(
     config: str,
     prompts: list[str],
     registry: Registry,
+    tasks: list[dict[str, Any]] | None = None,
 ) -> int:
-    """New comparison tasks from the current policy (InstructGPT's steps two and three repeat)."""
+    """New comparison tasks from the current policy (InstructGPT's steps two and three
+    repeat), for the prompts the project's `tasks` ask least."""
     import time
 
     from ml_backend.serving import Served
@@ -356,7 +382,7 @@ def next_round(
         if version
         else resolve_policy(settings.policy_model, settings.models_cache_dir)
     )
-    chosen = [prompts[i % len(prompts)] for i in range(settings.next_round)]
+    chosen = least_asked(prompts, tasks or [], config, settings.next_round)
     model, tokenizer = load_causal_lm(path, dtype=settings.dtype)
     # The tasks are written as `ls-rlhf generate` writes them (tasks.make_tasks), by this
     # policy; no reward model is needed to write them.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -10,6 +11,7 @@ import requests
 from ml_backend.cli import main as cli
 from ml_backend.harness.waiting import wait_until
 from training.finegrained import load_finegrained, to_label_studio_tasks
+from training.registry import lineage
 
 pytestmark = pytest.mark.label_studio
 
@@ -139,9 +141,22 @@ def test_start_training_button_and_promoting_through_extra_params(
     assert health["model_version"] == "policy-base+reward-v1"
 
 
+@pytest.mark.parametrize("prompt_file", [False, True], ids=["project-prompts", "prompt-file"])
 def test_the_loop_trains_the_policy_and_writes_the_next_round_of_tasks(
-    settings, label_studio, start_backend, make_project, ls_client, finegrained_path
+    settings,
+    label_studio,
+    start_backend,
+    make_project,
+    ls_client,
+    finegrained_path,
+    tmp_path,
+    prompt_file,
 ):
+    records = load_finegrained(finegrained_path)[:4]
+    asked = records[0]["question"]
+    new = ["Why is the sky blue?", "What do bees eat?"]
+    pool = tmp_path / "prompts.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in [asked, *new]))
     settings = settings.replace(
         label_studio_url=label_studio.url,
         label_studio_api_key=label_studio.token,
@@ -149,12 +164,12 @@ def test_the_loop_trains_the_policy_and_writes_the_next_round_of_tasks(
         loop_policy="ppo",
         loop_policy_updates=2,
         next_round=3,
+        **({"loop_prompts": str(pool), "loop_policy_batch_size": 4} if prompt_file else {}),
     )
     backend = start_backend(settings)
     project = make_project("pairwise")
     ls_client.projects.import_tasks(
-        id=project.id,
-        request=to_label_studio_tasks(load_finegrained(finegrained_path)[:4], "pairwise"),
+        id=project.id, request=to_label_studio_tasks(records, "pairwise")
     )
     before = len(list(ls_client.tasks.list(project=project.id)))
     requests.post(f"{backend.url}/setup", json={"project": project.id}, timeout=5)
@@ -176,7 +191,15 @@ def test_the_loop_trains_the_policy_and_writes_the_next_round_of_tasks(
     )
     tasks = list(ls_client.tasks.list(project=project.id))
     assert len(tasks) == before + 3
-    assert sum(1 for t in tasks if t.data.get("policy_version") == "policy-v1") == 3
+    written = [t.data["prompt"] for t in tasks if t.data.get("policy_version") == "policy-v1"]
+    assert len(written) == 3
+    if prompt_file:
+        # The file's prompts no task asked yet come first, then the one the project asked.
+        assert written == [*new, asked]
+        version = lineage(settings.registry_dir, project.id).current("policy")
+        assert version is not None and version.metadata["config"]["batch_size"] == 4
+    else:
+        assert set(written) <= {r["question"] for r in records}
     wait_until(
         lambda: (
             requests.get(f"{backend.url}/health", timeout=5).json().get("model_version")

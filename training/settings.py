@@ -198,6 +198,21 @@ class Settings:
         default=1e-5,
         metadata={"help": "PPO learning rate of that policy step (PPOConfig's default)."},
     )
+    loop_policy_batch_size: int = field(
+        default=8,
+        metadata={
+            "help": "Responses per PPO rollout of that policy step (PPOConfig's default); "
+            "more give each update a less noisy gradient, at more time per update."
+        },
+    )
+    loop_prompts: str = field(
+        default="",
+        metadata={
+            "help": "A prompts file (JSONL, CSV or text, as `ls-rlhf generate` reads) that "
+            "the loop's next rounds and PPO steps draw from, the least-asked prompts first; "
+            "empty: the project's own tasks' prompts."
+        },
+    )
     loop_max_kl: float = field(
         default=0.0,
         metadata={
@@ -314,6 +329,12 @@ class Settings:
         if self.loop_policy not in ("none", "ppo", "dpo"):
             raise SettingsError(
                 f"{ENV_PREFIX}LOOP_POLICY must be none, ppo or dpo, not {self.loop_policy!r}"
+            )
+        if self.loop_policy_batch_size < 2 or self.loop_policy_batch_size % 2:
+            # PPOConfig samples two responses per prompt: a rollout holds whole pairs
+            raise SettingsError(
+                f"{ENV_PREFIX}LOOP_POLICY_BATCH_SIZE must be an even number, at least 2, "
+                f"not {self.loop_policy_batch_size}"
             )
         for name in ("loop_policy_learning_rate", "loop_max_kl", "loop_alarm_accuracy_drop"):
             if getattr(self, name) < 0:
