@@ -8,6 +8,8 @@ tokenizer's chat template when it has one. Results come back in prompt order.
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
@@ -16,6 +18,8 @@ from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBa
 
 if TYPE_CHECKING:
     from training.engine import VLLMEngine
+
+log = logging.getLogger(__name__)
 
 
 def cut_note(max_new_tokens: int | None) -> str:
@@ -90,9 +94,7 @@ def generate_completions(
         inputs = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(
             model.device
         )
-        # A causal LM: PreTrainedModel with GenerationMixin (PreTrainedModel alone has no generate).
-        output = cast(GenerationMixin, model).generate(
-            **inputs,
+        options = dict(
             max_new_tokens=max_new_tokens,
             do_sample=sampling,
             temperature=temperature if sampling else None,
@@ -101,11 +103,23 @@ def generate_completions(
             num_return_sequences=num_completions,
             min_new_tokens=min_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
-            # A loop job once died here on "probability tensor contains inf/nan" with a
-            # PPO-trained policy in bfloat16 (not reproduced outside the job): one bad row
-            # should not fail the round, so non-finite logits are cleaned before sampling.
-            remove_invalid_values=True,
+            remove_invalid_values=True,  # non-finite logits are cleaned before sampling
         )
+        try:
+            # A causal LM: PreTrainedModel with GenerationMixin (PreTrainedModel alone has
+            # no generate).
+            output = cast(GenerationMixin, model).generate(**inputs, **options)
+        except RuntimeError as err:
+            # Loop jobs twice died here on "probability tensor contains either inf, nan or
+            # element < 0" with a PPO-trained policy in bfloat16; the same weights, prompts
+            # and seed sampled cleanly outside the job. One bad batch should not fail a
+            # round: it is sampled again in float32, with the precision bfloat16 lacks.
+            if "probability tensor" not in str(err) or model.dtype == torch.float32:
+                raise
+            log.warning("sampling in %s failed (%s); this batch again in float32", model.dtype, err)
+            exact = copy.deepcopy(model).float()
+            output = cast(GenerationMixin, exact).generate(**inputs, **options)
+            del exact
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         cut = _cut_at_limit(new_tokens, model, tokenizer, max_new_tokens)
