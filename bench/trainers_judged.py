@@ -25,7 +25,7 @@ and is measured against the base policy's answers to the same questions:
   bootstrap interval of the paired difference;
 * KL to the base on the held-out answers (training.policy_eval.sequence_kl).
 
-    .venv/bin/python bench/trainers_judged.py [--train-questions 48] [--held-out 30]
+    .venv/bin/python bench/trainers_judged.py [--train-questions 48] [--held-out 30] [--samples 2]
         [--trainers sft,dpo,ilf,ppo] [--out bench/output/trainers_judged]
 """
 
@@ -83,6 +83,11 @@ def rouge_l(answers: list[str], references: list[str]) -> list[float]:
         scorer.score(ref, ans)["rougeL"].fmeasure
         for ans, ref in zip(answers, references, strict=True)
     ]
+
+
+def per_question(scores: list[float], samples: int) -> list[float]:
+    """Mean of each question's `samples` consecutive scores, so a question counts once."""
+    return [float(np.mean(scores[i : i + samples])) for i in range(0, len(scores), samples)]
 
 
 def paired_interval(a: list[float], b: list[float], seed: int = 0) -> tuple[float, float]:
@@ -164,7 +169,12 @@ def train(
             base,
             prompts,
             RewardModel.load(result.version.path).score,
-            PPOConfig(updates=args.ppo_updates, learning_rate=args.ppo_lr, seed=args.seed),
+            PPOConfig(
+                updates=args.ppo_updates,
+                learning_rate=args.ppo_lr,
+                batch_size=args.ppo_batch_size,
+                seed=args.seed,
+            ),
             {"reward_version": result.version.label},
             reference=base,
             promote=False,
@@ -185,10 +195,17 @@ def main() -> None:
     parser.add_argument("--train-questions", type=int, default=48)
     parser.add_argument("--held-out", type=int, default=30, help="held-out questions (of 100)")
     parser.add_argument("--trainers", default=",".join(TRAINERS))
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=2, help="answers per held-out question")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--refinements", type=int, default=2, help="ILF candidates per critique")
     parser.add_argument("--ppo-updates", type=int, default=12)
-    parser.add_argument("--ppo-lr", type=float, default=1e-4)
+    parser.add_argument("--ppo-lr", type=float, default=5e-5)
+    parser.add_argument(
+        "--ppo-batch-size",
+        type=int,
+        default=32,
+        help="responses per PPO rollout (the judged loop's target run used 32)",
+    )
     parser.add_argument("--judge", help="judge folder (default ~/.cache/ls-rlhf/judges/...)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/output/trainers_judged")
@@ -217,8 +234,11 @@ def main() -> None:
     )
     registry = Registry(settings.registry_dir)
     base = resolve_policy(settings.policy_model, settings.models_cache_dir)
-    _, base_answers, _ = sample_answers(base, held_prompts, settings, 1, args.seed + 1)
-    base_rouge = rouge_l(base_answers, references)
+    repeated, base_answers, _ = sample_answers(
+        base, held_prompts, settings, args.samples, args.seed + 1
+    )
+    repeated_references = [r for r in references for _ in range(args.samples)]
+    base_rouge = per_question(rouge_l(base_answers, repeated_references), args.samples)
     rows = [
         {
             "trainer": "base",
@@ -240,13 +260,13 @@ def main() -> None:
         t0 = time.monotonic()
         path, trained = train(name, train_records, registry, base, settings, args)
         train_minutes = (time.monotonic() - t0) / 60
-        _, answers, cut = sample_answers(path, held_prompts, settings, 1, args.seed + 1)
-        win = judge.win_rate(held_prompts, answers, base_answers)
-        scores = rouge_l(answers, references)
+        _, answers, cut = sample_answers(path, held_prompts, settings, args.samples, args.seed + 1)
+        win = judge.win_rate(repeated, answers, base_answers)
+        scores = per_question(rouge_l(answers, repeated_references), args.samples)
         low, high = paired_interval(scores, base_rouge, args.seed)
         policy, tokenizer = load_causal_lm(path, dtype="float32")
         reference, _ = load_causal_lm(base, dtype="float32")
-        kl = sequence_kl(policy, reference, tokenizer, held_prompts, answers, cut)
+        kl = sequence_kl(policy, reference, tokenizer, repeated, answers, cut)
         del policy, reference
         row = {
             "trainer": name,
@@ -263,8 +283,7 @@ def main() -> None:
             "minutes": (time.monotonic() - t0) / 60,
             "trained_on": trained,
             "sample_answers": [
-                {"prompt": p, "answer": a}
-                for p, a in list(zip(held_prompts, answers, strict=True))[:3]
+                {"prompt": p, "answer": a} for p, a in list(zip(repeated, answers, strict=True))[:3]
             ],
         }
         rows.append(row)
