@@ -43,10 +43,11 @@ class Embedder:
     def load(cls, name_or_path: str) -> Embedder:
         from transformers import AutoModel, AutoTokenizer
 
-        return cls(
-            AutoModel.from_pretrained(name_or_path).eval(),
-            AutoTokenizer.from_pretrained(name_or_path),
-        )
+        from training.models import MODEL_LOADING
+
+        with MODEL_LOADING:  # see there: the default dtype is process-wide
+            model = AutoModel.from_pretrained(name_or_path, dtype=torch.float32)
+        return cls(model.eval(), AutoTokenizer.from_pretrained(name_or_path))
 
     @torch.inference_mode()
     def __call__(self, texts: list[str]) -> torch.Tensor:

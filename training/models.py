@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,14 @@ from training.precision import resolve_dtype
 # module for its error type, and `--help` should not wait seconds for them.
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# transformers builds a model under torch's default dtype set to the requested one, and that
+# default is process-wide: a server thread loading a version in bfloat16 while a training
+# job's thread loaded its float32 reference gave the reference bfloat16 weights (PPO's
+# float32 check failed a loop round; it is also the likely cause of the bfloat16 "probability
+# tensor contains inf, nan" deaths of sessions 15-16). Every model load in the process
+# holds this lock.
+MODEL_LOADING = threading.RLock()
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +92,15 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
     log.info("converting %s into an HF folder at %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    config = loaded.config
-    # A GGUF-loaded model refuses save_pretrained: rebuild the same architecture unquantized.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = type(loaded)(config)
+    with MODEL_LOADING:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        config = loaded.config
+        # A GGUF-loaded model refuses save_pretrained: rebuild the architecture unquantized.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = type(loaded)(config).float()
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
@@ -138,9 +148,10 @@ def load_causal_lm(
 
     tokenizer = load_tokenizer(name_or_path, padding_side="left")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=getattr(torch, resolve_dtype(dtype))
-        )
+        with MODEL_LOADING:
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=getattr(torch, resolve_dtype(dtype))
+            )
     except OSError as err:
         raise ModelNotFoundError(_not_found(name_or_path, err)) from err
     if model.config.pad_token_id is None:
@@ -159,9 +170,10 @@ def load_sequence_classifier(
 
     tokenizer = load_tokenizer(name_or_path, padding_side="right")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, num_labels=num_labels, dtype=getattr(torch, resolve_dtype(dtype))
-        )
+        with MODEL_LOADING:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                name_or_path, num_labels=num_labels, dtype=getattr(torch, resolve_dtype(dtype))
+            )
     except OSError as err:
         raise ModelNotFoundError(_not_found(name_or_path, err)) from err
     if model.config.pad_token_id is None:
@@ -180,7 +192,10 @@ def load_backbone(
 
     tokenizer = load_tokenizer(name_or_path, padding_side="right")
     try:
-        model = AutoModel.from_pretrained(name_or_path, dtype=getattr(torch, resolve_dtype(dtype)))
+        with MODEL_LOADING:
+            model = AutoModel.from_pretrained(
+                name_or_path, dtype=getattr(torch, resolve_dtype(dtype))
+            )
     except OSError as err:
         raise ModelNotFoundError(_not_found(name_or_path, err)) from err
     model.eval()

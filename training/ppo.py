@@ -402,7 +402,7 @@ class PolicyWithValueHead(nn.Module):
         super().__init__()
         self.policy: Any = policy
         hidden = policy.config.get_text_config().hidden_size
-        self.value_head = nn.Linear(hidden, 1)
+        self.value_head = nn.Linear(hidden, 1, dtype=torch.float32)  # not the default dtype
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 

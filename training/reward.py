@@ -740,7 +740,7 @@ def _fit_linear_probe(
     encoded = [format_reward_input(tokenizer, *texts[i], config.max_length) for i in missing]
     last = answer_token_counts(tokenizer, [texts[i][1] for i in missing], encoded)
     read = pooled_features(model, tokenizer, encoded, layers, last, desc="reading answers")
-    features = torch.zeros((len(layers), len(keys), read.shape[-1]))
+    features = torch.zeros((len(layers), len(keys), read.shape[-1]), dtype=torch.float32)
     features[:, missing] = read
     if cached is not None:  # a warm start reads only the answers its parent had not read
         known = [i for i, key in enumerate(keys) if key in cached.rows]

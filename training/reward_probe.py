@@ -216,7 +216,7 @@ def _standardized(
 def _fit(z: torch.Tensor, pairs: JudgedPairs, l2: float) -> torch.Tensor:
     """Weights minimizing mean -log sigmoid(d.w - margin) + l2 |w|^2 (d: feature differences)."""
     difference = z[pairs.chosen] - z[pairs.rejected]
-    w = torch.zeros(z.shape[1], requires_grad=True)
+    w = torch.zeros(z.shape[1], dtype=torch.float32, requires_grad=True)
     optimizer = torch.optim.LBFGS([w], max_iter=500, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
