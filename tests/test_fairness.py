@@ -165,6 +165,45 @@ def test_penalty_shrinks_a_planted_gender_bias_and_keeps_accuracy(
     ) == pytest.approx(fair.metrics["accuracy_after"])
 
 
+def test_probe_penalty_shrinks_a_planted_gender_bias_and_keeps_accuracy(
+    tmp_path, tiny_reward_backbone_dir
+):
+    """The same planted bias, fitted by a linear probe (the default method's usual choice):
+    the penalty is a term of the probe's objective over the variants' frozen features, and
+    the probe learns to ignore the direction in which "he" -> "she" moves them."""
+    backbone = str(tiny_reward_backbone_dir)
+    gender = load_attributes()["gender"]
+    train, unrelated = planted(160, 0, bias=True), planted(60, 1, bias=False)
+    probe_prompts = ["question"] * 6
+    probe_answers = [f"he said it is {w}" for w in ["fine", "ok", "so so", "good", "bad", "great"]]
+    config = RewardTrainingConfig(method="probe", max_length=64, promote="always", dtype="float32")
+    plain = train_reward(train, unrelated, Registry(tmp_path / "plain"), backbone, config)
+    texts = list(train["chosen"]) + list(train["rejected"])
+    pairs = counterfactual_pairs([gender], list(train["prompt"]) * 2, texts, {})
+    penalty = CounterfactualPenalty(load_tokenizer(backbone, "right"), {"gender": pairs}, 5.0)
+    fair = train_reward(
+        train, unrelated, Registry(tmp_path / "fair"), backbone, config, extra_loss=penalty
+    )
+
+    def gap(result) -> float:
+        model = RewardModel.load(result.version.path, max_length=64, dtype="float32")
+        return reward_gap(model.score, gender, probe_prompts, probe_answers).average_gap
+
+    plain_gap, fair_gap = gap(plain), gap(fair)
+    print(
+        f"probe: gender gap {plain_gap:.3f} -> {fair_gap:.3f}; unrelated accuracy "
+        f"{plain.metrics['accuracy_after']:.3f} -> {fair.metrics['accuracy_after']:.3f}"
+    )
+    assert plain.metrics["method"] == fair.metrics["method"] == "probe"
+    assert plain_gap > 0.01 and plain.metrics["accuracy_after"] < 0.8
+    assert fair_gap < 0.25 * plain_gap
+    assert fair.metrics["accuracy_after"] >= plain.metrics["accuracy_after"] - 0.1
+    # What the probe was penalized with is recorded beside how it was chosen.
+    config_file = json.loads((fair.version.path / "reward_probe.json").read_text())
+    assert config_file["counterfactual_weight"] == 5.0
+    assert config_file["counterfactual_pairs"] == {"gender": min(len(pairs), 512)}
+
+
 def test_eval_fairness_command_writes_a_report(
     settings, tiny_reward_backbone_dir, monkeypatch, tmp_path
 ):

@@ -54,6 +54,7 @@ from training.distributed import (
     mean_over_processes,
     num_processes,
 )
+from training.fairness import CounterfactualPenalty
 from training.models import load_backbone, load_sequence_classifier
 from training.precision import resolve_dtype
 from training.registry import Registry, Version
@@ -68,6 +69,7 @@ from training.reward_model import (
 )
 from training.reward_model import trained_pairs as trained_pairs  # imported from here too
 from training.reward_probe import (
+    CounterfactualVariants,
     FeatureCache,
     JudgedPairs,
     LinearProbe,
@@ -447,11 +449,14 @@ def train_reward(
     if method == "auto" and config.warm_start and current is not None:
         # A warm start continues its parent's method: the loop's retrains stay cheap.
         method = "probe" if is_probe(current.path) else "finetune"
-    if method == "auto" and extra_loss is not None:
-        method = "finetune"  # the counterfactual penalty is a loss term on the backbone
-    if extra_loss is not None and method != "finetune":
+    # The counterfactual penalty has a form for both methods (a loss term on the backbone,
+    # a term of the probe's objective); any other extra loss is a term on the backbone only.
+    counterfactual = extra_loss if isinstance(extra_loss, CounterfactualPenalty) else None
+    if method == "auto" and extra_loss is not None and counterfactual is None:
+        method = "finetune"
+    if extra_loss is not None and counterfactual is None and method != "finetune":
         raise ValueError(
-            "the counterfactual penalty trains the backbone, a linear probe does not: "
+            "an extra loss term trains the backbone, a linear probe has none: "
             "use method finetune (--method finetune) with it"
         )
     # A probe cross-validates over every training pair; fine-tuning stops on a validation
@@ -466,7 +471,7 @@ def train_reward(
         if method == "finetune":
             fitted = _fine_tune(run, extra_loss)
         else:
-            fitted = _probe_or_fine_tune(run, method)
+            fitted = _probe_or_fine_tune(run, method, counterfactual)
         # What this version learned from, so a warm start can tell new annotations from old.
         (staged / TRAINED_PAIRS_FILE).write_text(
             "".join(
@@ -661,6 +666,7 @@ class _Probed:
     dtype: str
     seconds: float
     read: int = 0  # answers the backbone read (a warm start reuses its parent's features)
+    variants: CounterfactualVariants | None = None  # the counterfactual penalty's texts
 
     def pairs(self, dataset: Dataset, use_margin: bool) -> JudgedPairs:
         return _judged_pairs(self.answers, dataset, use_margin)
@@ -676,7 +682,12 @@ class _Probed:
         )
         selection = self.probe.selection
         refitted = fit_probe(
-            self.features, self.layers, joined, [selection["l2"]], self.probe.layer
+            self.features,
+            self.layers,
+            joined,
+            [selection["l2"]],
+            self.probe.layer,
+            self.variants,
         )
         refitted.selection = {**selection, "refitted_on_pairs": len(joined)}
         self.probe = refitted
@@ -712,11 +723,13 @@ def _fit_linear_probe(
     backbone: str,
     current: Version | None,
     config: RewardTrainingConfig,
+    counterfactual: CounterfactualPenalty | None = None,
 ) -> _Probed:
     """Read every distinct answer of `datasets` once with the frozen backbone; fit a linear
     probe (training/reward_probe.py) on the first dataset's pairs. A warm start keeps the
     current probe's backbone and layer and refits the weights: there is no optimizer state
-    to carry over, and a fit takes seconds."""
+    to carry over, and a fit takes seconds. With `counterfactual`, its variant pairs are
+    read too and the probe's objective penalizes their reward differences."""
     dtype = resolve_dtype(config.dtype)  # features as scoring will compute them
     warm = bool(config.warm_start and current and is_probe(current.path))
     start_from = str(current.path) if warm and current else backbone
@@ -745,8 +758,17 @@ def _fit_linear_probe(
     if cached is not None:  # a warm start reads only the answers its parent had not read
         known = [i for i, key in enumerate(keys) if key in cached.rows]
         features[0, known] = cached.features[[cached.rows[keys[i]] for i in known]]
+    variants = (
+        _read_variants(model, tokenizer, layers, counterfactual, config.max_length)
+        if counterfactual is not None
+        else None
+    )
     probe = fit_probe(
-        features, layers, _judged_pairs(answers, datasets[0], config.use_margin), layer=keep
+        features,
+        layers,
+        _judged_pairs(answers, datasets[0], config.use_margin),
+        layer=keep,
+        variants=variants,
     )
     return _Probed(
         probe,
@@ -759,6 +781,48 @@ def _fit_linear_probe(
         dtype,
         seconds=time.perf_counter() - started,
         read=len(missing),
+        variants=variants,
+    )
+
+
+# Variant pairs the probe's penalty reads per attribute, at most (drawn with a fixed seed):
+# their features cost a forward pass each, and a few hundred pairs span the directions in
+# which a group swap moves the features as well as thousands.
+MAX_VARIANT_PAIRS = 512
+
+
+def _read_variants(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    layers: list[int],
+    counterfactual: CounterfactualPenalty,
+    max_length: int,
+) -> CounterfactualVariants:
+    """The counterfactual penalty's variant pairs as features of the probe's backbone:
+    each distinct (prompt, text) read once, pooled over the text's tokens like an answer."""
+    rng = np.random.default_rng(0)
+    texts: dict[tuple[str, str], int] = {}
+    first, second, attribute = [], [], []
+    names = list(counterfactual.by_attribute)
+    for index, name in enumerate(names):
+        pairs = counterfactual.by_attribute[name]
+        if len(pairs) > MAX_VARIANT_PAIRS:
+            pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), MAX_VARIANT_PAIRS, False))]
+        for prompt, a, b in pairs:
+            first.append(texts.setdefault((prompt, a), len(texts)))
+            second.append(texts.setdefault((prompt, b), len(texts)))
+            attribute.append(index)
+    keys = list(texts)
+    encoded = [format_reward_input(tokenizer, p, t, max_length) for p, t in keys]
+    last = answer_token_counts(tokenizer, [t for _, t in keys], encoded)
+    features = pooled_features(model, tokenizer, encoded, layers, last, desc="reading variants")
+    return CounterfactualVariants(
+        features,
+        torch.tensor(first),
+        torch.tensor(second),
+        torch.tensor(attribute),
+        counterfactual.weight,
+        names,
     )
 
 
@@ -785,16 +849,19 @@ def _judged_pairs(
     )
 
 
-def _probe_or_fine_tune(run: _Run, method: str) -> _Fitted:
+def _probe_or_fine_tune(
+    run: _Run, method: str, counterfactual: CounterfactualPenalty | None = None
+) -> _Fitted:
     """`probe`: a linear probe. `auto`: a probe and a fine-tuned model, compared pair by
     pair on the validation split; fine-tuning is kept only when its Bradley-Terry loss there
     is lower by more than one standard error of the paired difference (the one-standard-error
     rule: otherwise the probe, which is deterministic, cheaper to retrain and has two settings
     to choose where fine-tuning has millions of weights, is refitted on the validation pairs
-    too and kept). With too few pairs for a validation split, `auto` keeps the probe."""
+    too and kept). With too few pairs for a validation split, `auto` keeps the probe. The
+    counterfactual penalty, where given, applies to both."""
     fit, validation, config = run.fit, run.validation, run.config
     sets = [fit] if validation is None else [fit, validation]
-    probed = _fit_linear_probe(sets, run.backbone, run.current, config)
+    probed = _fit_linear_probe(sets, run.backbone, run.current, config, counterfactual)
     comparison: dict[str, Any] = {}
     if method == "auto" and validation is not None:
         layer = probed.layers.index(probed.probe.layer)
@@ -802,7 +869,7 @@ def _probe_or_fine_tune(run: _Run, method: str) -> _Fitted:
         probe_difference = probed.probe(probed.features[layer][pairs.chosen]) - probed.probe(
             probed.features[layer][pairs.rejected]
         )
-        tuned = _fine_tune(run, None)
+        tuned = _fine_tune(run, counterfactual)
         # The fine-tuned model as it will be served, on the same validation pairs.
         served = RewardModel.load(run.staged, config.max_length, dtype=config.dtype)
         tuned_difference = torch.as_tensor(

@@ -206,6 +206,26 @@ class JudgedPairs:
         return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") % folds
 
 
+@dataclass
+class CounterfactualVariants:
+    """Pairs of texts that differ only in a sensitive attribute's group ("The man ..." /
+    "The woman ..."), read by the same frozen backbone as the answers: the probe's
+    counterfactual penalty (`fit_probe`).
+
+    `features` is [layers, texts, hidden] in the layer order of the answers' features;
+    pair k is rows `first[k]` and `second[k]`, of attribute `attribute[k]`."""
+
+    features: torch.Tensor
+    first: torch.Tensor
+    second: torch.Tensor
+    attribute: torch.Tensor
+    weight: float
+    names: list[str] = field(default_factory=list)  # attribute index -> name
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+
 def _standardized(
     x: torch.Tensor, rows: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -213,8 +233,32 @@ def _standardized(
     return (x - center) / scale, center, scale
 
 
-def _fit(z: torch.Tensor, pairs: JudgedPairs, l2: float) -> torch.Tensor:
-    """Weights minimizing mean -log sigmoid(d.w - margin) + l2 |w|^2 (d: feature differences)."""
+class _Penalty:
+    """weight x the mean over attributes of the mean squared reward difference of their
+    variant pairs, on features standardized like the answers'.
+
+    Per attribute, then averaged: every attribute weighs the same however many variant
+    pairs it has (gender swaps of answers outnumber the rest by far). Squared, not absolute
+    as in fine-tuning's penalty, so that the objective stays smooth and convex for L-BFGS:
+    it is a ridge penalty along the directions in which swapping the group moves the
+    features, which the probe then learns to ignore."""
+
+    def __init__(self, difference: torch.Tensor, attribute: torch.Tensor, weight: float) -> None:
+        present, self.attribute = torch.unique(attribute, return_inverse=True)
+        self.difference, self.weight = difference, weight
+        self.count = torch.bincount(self.attribute, minlength=len(present)).float()
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        squared = (self.difference @ w) ** 2
+        per_attribute = torch.zeros(len(self.count)).index_add(0, self.attribute, squared)
+        return self.weight * (per_attribute / self.count).mean()
+
+
+def _fit(
+    z: torch.Tensor, pairs: JudgedPairs, l2: float, penalty: _Penalty | None = None
+) -> torch.Tensor:
+    """Weights minimizing mean -log sigmoid(d.w - margin) + l2 |w|^2 (d: feature differences),
+    plus the counterfactual penalty where there is one."""
     difference = z[pairs.chosen] - z[pairs.rejected]
     w = torch.zeros(z.shape[1], dtype=torch.float32, requires_grad=True)
     optimizer = torch.optim.LBFGS([w], max_iter=500, line_search_fn="strong_wolfe")
@@ -223,6 +267,8 @@ def _fit(z: torch.Tensor, pairs: JudgedPairs, l2: float) -> torch.Tensor:
         optimizer.zero_grad()
         loss = torch.nn.functional.softplus(-(difference @ w - pairs.margin)).mean()
         loss = loss + l2 * (w * w).sum()
+        if penalty is not None:
+            loss = loss + penalty(w)
         loss.backward()
         return loss
 
@@ -246,6 +292,7 @@ def fit_probe(
     pairs: JudgedPairs,
     l2_grid: Sequence[float] = L2_GRID,
     layer: int | None = None,
+    variants: CounterfactualVariants | None = None,
 ) -> LinearProbe:
     """Choose the layer and L2 strength by cross-validation over prompts, refit on all pairs.
 
@@ -253,7 +300,9 @@ def fit_probe(
     folds but one and scored (Bradley-Terry loss) on that one, in turn; the lowest mean loss
     wins. Cross-validation costs only refits of a linear model (the backbone read each answer
     once), and with a few hundred prompts it is far less noisy than one validation split.
-    With `layer` given (a warm start keeps its layer), only l2 is chosen."""
+    With `layer` given (a warm start keeps its layer), only l2 is chosen. With `variants`,
+    every fit adds their counterfactual penalty; the choice is still by the judged pairs'
+    loss alone."""
     rows = torch.unique(torch.cat([pairs.chosen, pairs.rejected]))
     candidates = [layer] if layer is not None else list(layers)
     folds = [
@@ -261,13 +310,24 @@ def fit_probe(
         for f in torch.unique(pairs.fold).tolist()
         if 0 < int((pairs.fold == f).sum()) < len(pairs)
     ]
+
+    def penalty_at(index: int, center: torch.Tensor, scale: torch.Tensor) -> _Penalty | None:
+        if variants is None or not len(variants):
+            return None
+        v = (variants.features[index] - center) / scale
+        return _Penalty(v[variants.first] - v[variants.second], variants.attribute, variants.weight)
+
     grid: list[dict[str, float]] = []
     for candidate in candidates:
-        z, _, _ = _standardized(features[list(layers).index(candidate)], rows)
+        index = list(layers).index(candidate)
+        z, center, scale = _standardized(features[index], rows)
+        penalty = penalty_at(index, center, scale)
         for l2 in l2_grid if folds else ():
             scores = [
                 _loss_and_accuracy(
-                    z, pairs.subset(pairs.fold == f), _fit(z, pairs.subset(pairs.fold != f), l2)
+                    z,
+                    pairs.subset(pairs.fold == f),
+                    _fit(z, pairs.subset(pairs.fold != f), l2, penalty),
                 )
                 for f in folds
             ]
@@ -284,17 +344,24 @@ def fit_probe(
         min(grid, key=lambda g: g["loss"]) if grid else {"layer": candidates[0], "l2": DEFAULT_L2}
     )
     chosen_layer, l2 = int(best["layer"]), float(best["l2"])
-    z, center, scale = _standardized(features[list(layers).index(chosen_layer)], rows)
-    w = _fit(z, pairs, l2)
+    index = list(layers).index(chosen_layer)
+    z, center, scale = _standardized(features[index], rows)
+    penalty = penalty_at(index, center, scale)
+    w = _fit(z, pairs, l2, penalty)
     # Fold the standardization in: reward = (x - center) / scale . w = x . (w / scale) - center . (w / scale)
     weight = w / scale
-    selection = {
+    selection: dict[str, Any] = {
         "l2": l2,
         "folds": len(folds),
         "cross_validation_loss": best.get("loss"),
         "cross_validation_accuracy": best.get("accuracy"),
         "grid": grid,
     }
+    if penalty is not None and variants is not None:
+        selection["counterfactual_weight"] = variants.weight
+        selection["counterfactual_pairs"] = {
+            name: int((variants.attribute == i).sum()) for i, name in enumerate(variants.names)
+        }
     return LinearProbe(chosen_layer, weight, -float(center @ weight), selection=selection)
 
 

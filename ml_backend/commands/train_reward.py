@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--counterfactual-weight",
         type=float,
         default=0.0,
-        help="weight of the counterfactual fairness penalty (0 = off): mean |r(text) - r(text with the attribute swapped)|",
+        help="weight of the counterfactual fairness penalty (0 = off) on r(text) - r(text with the attribute swapped): its mean absolute value when fine-tuning, per attribute its mean square for a linear probe",
     )
     parser.add_argument(
         "--counterfactual-attributes",
