@@ -16,6 +16,7 @@ import pkgutil
 import sys
 
 from ml_backend import commands
+from training.distributed import leave_process_group
 from training.export import ExportError
 from training.label_config import LabelConfigError
 from training.models import ModelNotFoundError
@@ -86,20 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        _leave_process_group()
-
-
-def _leave_process_group() -> None:
-    """Under `accelerate launch`, take the process group down before the interpreter does:
-    left to exit, its communication threads once aborted a finished run ("terminate called
-    without an active exception", exit code -6) after the version was written."""
-    torch = sys.modules.get("torch")  # only a command that imported torch can have one
-    if (
-        torch is not None
-        and torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-    ):
-        torch.distributed.destroy_process_group()
+        leave_process_group()
 
 
 def _another_training_process() -> bool:

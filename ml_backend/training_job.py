@@ -419,4 +419,9 @@ def run_queued_job(job_id: int, access: tuple[str, str] | None = None) -> None:
 if __name__ == "__main__":
     import sys
 
-    _launched(sys.argv[1])
+    from training.distributed import leave_process_group
+
+    try:
+        _launched(sys.argv[1])
+    finally:
+        leave_process_group()

@@ -99,3 +99,19 @@ def mean_over_processes(value: float) -> float:
 
     tensor = torch.tensor([value], dtype=torch.float64, device=_state().device)
     return float(reduce(tensor, reduction="mean").item())
+
+
+def leave_process_group() -> None:
+    """Under `accelerate launch`, take the process group down before the interpreter does:
+    left to exit, its communication threads abort a finished run ("terminate called
+    without an active exception", exit code -6) after the version was written. Every entry
+    point a launcher runs (the CLI, a launched job) calls it last."""
+    import sys
+
+    torch = sys.modules.get("torch")  # only a process that imported torch can have one
+    if (
+        torch is not None
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    ):
+        torch.distributed.destroy_process_group()
