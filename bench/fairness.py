@@ -78,7 +78,7 @@ def main() -> None:
         variant_pairs,
         args.weight,
         batch_size=args.batch_size,
-        max_length=args.max_length,
+        max_length=config.max_length,
     )
 
     rows = {}

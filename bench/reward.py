@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument(
         "--train-top-layers", type=int, help="override: partial fine-tuning of the top N layers"
     )
+    parser.add_argument("--lora-rank", type=int, help="override: LoRA adapters of this rank")
     parser.add_argument("--seed", type=int, help="override: the training seed (default 0)")
     parser.add_argument(
         "--passage-chars",
@@ -215,6 +216,7 @@ def main() -> None:
         "per_device_train_batch_size": args.batch_size,
         "max_length": args.max_length,
         "train_top_layers": args.train_top_layers,
+        "lora_rank": args.lora_rank,
         "seed": args.seed,
     }
     for name in args.presets.split(","):

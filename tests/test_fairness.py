@@ -168,8 +168,7 @@ def test_penalty_shrinks_a_planted_gender_bias_and_keeps_accuracy(
 def test_probe_penalty_shrinks_a_planted_gender_bias_and_keeps_accuracy(
     tmp_path, tiny_reward_backbone_dir
 ):
-    """The same planted bias, fitted by a linear probe (the default method's usual choice):
-    the penalty is a term of the probe's objective over the variants' frozen features, and
+    """The same planted bias, fitted by a linear probe (`--method probe`): the penalty is a term of the probe's objective over the variants' frozen features, and
     the probe learns to ignore the direction in which "he" -> "she" moves them."""
     backbone = str(tiny_reward_backbone_dir)
     gender = load_attributes()["gender"]
@@ -202,6 +201,27 @@ def test_probe_penalty_shrinks_a_planted_gender_bias_and_keeps_accuracy(
     config_file = json.loads((fair.version.path / "reward_probe.json").read_text())
     assert config_file["counterfactual_weight"] == 5.0
     assert config_file["counterfactual_pairs"] == {"gender": min(len(pairs), 512)}
+
+
+def test_auto_fine_tunes_under_a_counterfactual_penalty(tmp_path, tiny_reward_backbone_dir):
+    """`auto` fits a probe and fine-tunes, and keeps one; with a counterfactual penalty it
+    fine-tunes only, whose penalty carries over to groups it never saw (a probe's does not)."""
+    backbone = str(tiny_reward_backbone_dir)
+    gender = load_attributes()["gender"]
+    train, held_out = planted(48, 0, bias=True), planted(16, 1, bias=False)
+    config = RewardTrainingConfig(
+        max_steps=2, max_length=64, validation_fraction=0.25, promote="always", dtype="float32"
+    )
+    assert config.method == "auto"
+    pairs = counterfactual_pairs([gender], list(train["prompt"]), list(train["chosen"]), {})
+    penalty = CounterfactualPenalty(load_tokenizer(backbone, "right"), {"gender": pairs}, 1.0)
+    fair = train_reward(
+        train, held_out, Registry(tmp_path / "fair"), backbone, config, extra_loss=penalty
+    )
+    assert fair.metrics["method"] == "finetune" and "auto" not in fair.metrics
+    assert not (fair.version.path / "reward_probe.json").exists()
+    plain = train_reward(train, held_out, Registry(tmp_path / "plain"), backbone, config)
+    assert "auto" in plain.metrics  # without a penalty both were fitted and compared
 
 
 def test_eval_fairness_command_writes_a_report(

@@ -340,6 +340,34 @@ def test_partial_fine_tuning_trains_only_the_top_layers_and_the_head(
     assert moved and moved <= trainable
 
 
+def test_lora_fine_tuning_saves_a_plain_merged_version_that_learned(
+    tmp_path, tiny_reward_backbone_dir
+):
+    """LoRA adapters train, merge into the weights, and the version folder is a plain
+    sequence classifier (no adapter files) whose weights moved and whose scores learned."""
+    result = train_reward(
+        synthetic_pairs(80, 0),
+        synthetic_pairs(20, 1),
+        Registry(tmp_path),
+        str(tiny_reward_backbone_dir),
+        RewardTrainingConfig(
+            method="finetune", max_steps=12, max_length=64, learning_rate=5e-3, lora_rank=4
+        ),
+    )
+    folder = result.version.path
+    assert not (folder / "adapter_config.json").exists()
+    base, _ = load_sequence_classifier(str(tiny_reward_backbone_dir))
+    trained, _ = load_sequence_classifier(str(folder))
+    before = dict(base.named_parameters())
+    moved = {n for n, p in trained.named_parameters() if not torch.equal(p, before[n])}
+    # The merged low-rank updates change the adapted linear layers; embeddings stay.
+    assert any(".layer." in n and n.endswith("weight") for n in moved)
+    assert not any("embeddings" in n for n in moved)
+    assert result.metrics["accuracy_after"] > result.metrics["accuracy_before"]
+    with pytest.raises(ValueError, match="exclude each other"):
+        RewardTrainingConfig(lora_rank=4, train_top_layers=1)
+
+
 def test_no_held_out_pairs_still_trains_a_version_marked_unjudged(
     tmp_path, tiny_reward_backbone_dir
 ):

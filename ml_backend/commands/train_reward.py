@@ -61,10 +61,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="partial fine-tuning: train only the top N layers and the head (large backbones)",
     )
     parser.add_argument(
+        "--lora-rank",
+        type=int,
+        help="fine-tune LoRA adapters of this rank (merged into the saved version) instead of all weights",
+    )
+    parser.add_argument(
         "--counterfactual-weight",
         type=float,
         default=0.0,
-        help="weight of the counterfactual fairness penalty (0 = off) on r(text) - r(text with the attribute swapped): its mean absolute value when fine-tuning, per attribute its mean square for a linear probe",
+        help="weight of the counterfactual fairness penalty (0 = off) on r(text) - r(text with the attribute swapped): its mean absolute value when fine-tuning (what auto does with a penalty), per attribute its mean square for a linear probe",
     )
     parser.add_argument(
         "--counterfactual-attributes",
@@ -116,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         "max_length": args.max_length,
         "validation_fraction": args.validation_fraction,
         "train_top_layers": args.train_top_layers,
+        "lora_rank": args.lora_rank,
     }
     try:
         config = RewardTrainingConfig(
