@@ -87,6 +87,28 @@ def build_tiny_policy(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def _wordpiece_vocab(specials: list[str]) -> dict[str, int]:
+    """The corpus's characters (alone and as "##" continuations) and its whole words, sorted.
+
+    Written out rather than learned: tokenizers' WordPiece trainer breaks ties between equally
+    frequent merges arbitrarily, so every build had another vocabulary, the same seed gave
+    another model, and a test's outcome varied from run to run."""
+    normalizer, pre_tokenizer = (
+        normalizers.BertNormalizer(lowercase=True),
+        pre_tokenizers.BertPreTokenizer(),
+    )
+    words = sorted(
+        {
+            w
+            for line in CORPUS
+            for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line))
+        }
+    )
+    characters = sorted({c for w in words for c in w})
+    tokens = [*specials, *characters, *(f"##{c}" for c in characters), *words]
+    return {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+
+
 def build_tiny_reward_backbone(folder: Path, seed: int = 0) -> Path:
     """A 2-layer BERT sequence classifier (num_labels=1) with a WordPiece tokenizer.
 
@@ -94,14 +116,11 @@ def build_tiny_reward_backbone(folder: Path, seed: int = 0) -> Path:
     """
     import torch
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(_wordpiece_vocab(specials), unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(
-        CORPUS, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials)
-    )
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
