@@ -172,6 +172,12 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, help="override: LoRA adapters of this rank")
     parser.add_argument("--seed", type=int, help="override: the training seed (default 0)")
     parser.add_argument(
+        "--grounding",
+        action="store_true",
+        default=None,
+        help="override: offer the probe grounding features (training/grounding.py)",
+    )
+    parser.add_argument(
         "--passage-chars",
         type=int,
         default=0,
@@ -218,6 +224,7 @@ def main() -> None:
         "train_top_layers": args.train_top_layers,
         "lora_rank": args.lora_rank,
         "seed": args.seed,
+        "grounding": args.grounding,
     }
     for name in args.presets.split(","):
         if name in PLAIN_TRL:
@@ -254,7 +261,7 @@ def main() -> None:
         )
         print(
             f"  training: {m['steps']} steps ({m['epochs']:.2f} epochs, best at step {m['best_step']}, "
-            f"stopped early: {m['stopped_early']}, probe layer {m.get('probe_layer')} l2 {m.get('probe_l2')}), {m['seconds']:.0f} s, {m['pairs_per_second']:.1f} pairs/s; "
+            f"stopped early: {m['stopped_early']}, probe layer {m.get('probe_layer')} l2 {m.get('probe_l2')} grounding {m.get('probe_grounding')}), {m['seconds']:.0f} s, {m['pairs_per_second']:.1f} pairs/s; "
             f"wall time with evaluation {wall / 60:.1f} min; peak memory {peak_memory_gb():.2f} GB"
         )
 

@@ -55,6 +55,7 @@ from training.distributed import (
     num_processes,
 )
 from training.fairness import CounterfactualPenalty
+from training.grounding import GROUNDING_FEATURES, grounding_features
 from training.models import load_backbone, load_sequence_classifier
 from training.precision import resolve_dtype
 from training.registry import Registry, Version
@@ -162,6 +163,17 @@ class RewardTrainingConfig:
             "help": "Fine-tune low-rank adapters (LoRA, through peft) of this rank on every "
             "linear layer, with the score head, instead of all weights (0 = off); the "
             "adapters are merged into the saved version, so it serves like any other."
+        },
+    )
+    grounding: bool = field(
+        default=False,
+        metadata={
+            "help": "Offer the probe's cross-validation the answers' grounding features "
+            "(training/grounding.py: how many of an answer's word n-grams occur in its "
+            "prompt, unsupported sentences, repetition), kept only where they lower the "
+            "cross-validated loss; for prompts that carry passages or documents. Off by "
+            "default: on FineGrainedRLHF they won on validation and lost on the held-out "
+            "questions (docs/benchmarks.md)."
         },
     )
     validation_fraction: float = field(
@@ -688,9 +700,17 @@ class _Probed:
     seconds: float
     read: int = 0  # answers the backbone read (a warm start reuses its parent's features)
     variants: CounterfactualVariants | None = None  # the counterfactual penalty's texts
+    grounding: int = 0  # trailing grounding columns of `features` (training/grounding.py)
 
     def pairs(self, dataset: Dataset, use_margin: bool) -> JudgedPairs:
         return _judged_pairs(self.answers, dataset, use_margin)
+
+    def rewards(self, rows: torch.Tensor) -> torch.Tensor:
+        """The probe's rewards of these answers (rows of `features`)."""
+        x = self.features[self.layers.index(self.probe.layer)][rows]
+        if self.grounding and not self.probe.grounding:
+            x = x[:, : x.shape[1] - self.grounding]
+        return self.probe(x)
 
     def refit(self, datasets: Sequence[Dataset], use_margin: bool) -> None:
         """The chosen layer and l2 again, on more pairs (the validation split's too)."""
@@ -709,6 +729,8 @@ class _Probed:
             [selection["l2"]],
             self.probe.layer,
             self.variants,
+            self.grounding,
+            self.probe.grounding,
         )
         refitted.selection = {**selection, "refitted_on_pairs": len(joined)}
         self.probe = refitted
@@ -731,6 +753,7 @@ class _Probed:
             "stopped_early": False,
             "probe_layer": self.probe.layer,
             "probe_l2": self.probe.selection["l2"],
+            "probe_grounding": self.probe.grounding,
             "probe_cross_validation_loss": self.probe.selection["cross_validation_loss"],
             "answers_read": self.read,
             "seconds": round(self.seconds, 2),
@@ -757,7 +780,8 @@ def _fit_linear_probe(
     model, tokenizer = load_backbone(start_from, dtype=dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    keep = LinearProbe.load(Path(start_from)).layer if warm else None
+    parent = LinearProbe.load(Path(start_from)) if warm else None
+    keep = parent.layer if parent is not None else None
     layers = [keep] if keep is not None else candidate_layers(model)
     started = time.perf_counter()
     answers: dict[tuple[str, str], int] = {}
@@ -768,19 +792,25 @@ def _fit_linear_probe(
             answers.setdefault((prompt, chosen), len(answers))
             answers.setdefault((prompt, rejected), len(answers))
     keys = [answer_key(p, a) for p, a in answers]
+    grounding = len(GROUNDING_FEATURES) if config.grounding else 0
+    width = int(model.config.hidden_size) + grounding
     cached = FeatureCache.load(Path(start_from), config.max_length) if warm else None
+    if cached is not None and cached.features.shape[-1] != width:
+        cached = None  # kept with or without grounding columns: read everything again
     missing = [i for i, key in enumerate(keys) if cached is None or key not in cached.rows]
     texts = list(answers)
     encoded = [format_reward_input(tokenizer, *texts[i], config.max_length) for i in missing]
     last = answer_token_counts(tokenizer, [texts[i][1] for i in missing], encoded)
     read = pooled_features(model, tokenizer, encoded, layers, last, desc="reading answers")
-    features = torch.zeros((len(layers), len(keys), read.shape[-1]), dtype=torch.float32)
-    features[:, missing] = read
+    features = torch.zeros((len(layers), len(keys), width), dtype=torch.float32)
+    features[:, missing, : read.shape[-1]] = read
+    if grounding:  # the same columns behind every layer's features
+        features[:, :, -grounding:] = grounding_features(*zip(*texts, strict=True))
     if cached is not None:  # a warm start reads only the answers its parent had not read
         known = [i for i, key in enumerate(keys) if key in cached.rows]
         features[0, known] = cached.features[[cached.rows[keys[i]] for i in known]]
     variants = (
-        _read_variants(model, tokenizer, layers, counterfactual, config.max_length)
+        _read_variants(model, tokenizer, layers, counterfactual, config.max_length, grounding)
         if counterfactual is not None
         else None
     )
@@ -790,6 +820,8 @@ def _fit_linear_probe(
         _judged_pairs(answers, datasets[0], config.use_margin),
         layer=keep,
         variants=variants,
+        grounding=grounding,
+        use_grounding=parent.grounding if parent is not None else None,
     )
     return _Probed(
         probe,
@@ -803,6 +835,7 @@ def _fit_linear_probe(
         seconds=time.perf_counter() - started,
         read=len(missing),
         variants=variants,
+        grounding=grounding,
     )
 
 
@@ -818,6 +851,7 @@ def _read_variants(
     layers: list[int],
     counterfactual: CounterfactualPenalty,
     max_length: int,
+    grounding: int = 0,
 ) -> CounterfactualVariants:
     """The counterfactual penalty's variant pairs as features of the probe's backbone:
     each distinct (prompt, text) read once, pooled over the text's tokens like an answer."""
@@ -837,6 +871,11 @@ def _read_variants(
     encoded = [format_reward_input(tokenizer, p, t, max_length) for p, t in keys]
     last = answer_token_counts(tokenizer, [t for _, t in keys], encoded)
     features = pooled_features(model, tokenizer, encoded, layers, last, desc="reading variants")
+    if grounding:  # the answers' columns, so that the penalty sees what the probe weighs
+        columns = (
+            grounding_features(*zip(*keys, strict=True)) if keys else torch.zeros(0, grounding)
+        )
+        features = torch.cat([features, columns.expand(len(layers), -1, -1)], -1)
     return CounterfactualVariants(
         features,
         torch.tensor(first),
@@ -885,11 +924,8 @@ def _probe_or_fine_tune(
     probed = _fit_linear_probe(sets, run.backbone, run.current, config, counterfactual)
     comparison: dict[str, Any] = {}
     if method == "auto" and validation is not None:
-        layer = probed.layers.index(probed.probe.layer)
         pairs = probed.pairs(validation, config.use_margin)
-        probe_difference = probed.probe(probed.features[layer][pairs.chosen]) - probed.probe(
-            probed.features[layer][pairs.rejected]
-        )
+        probe_difference = probed.rewards(pairs.chosen) - probed.rewards(pairs.rejected)
         tuned = _fine_tune(run, counterfactual)
         # The fine-tuned model as it will be served, on the same validation pairs.
         served = RewardModel.load(run.staged, config.max_length, dtype=config.dtype)

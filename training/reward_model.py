@@ -28,6 +28,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from training.grounding import grounding_features
 from training.models import load_backbone, load_sequence_classifier
 from training.reward_eval import reward_differences
 from training.reward_probe import LinearProbe, answer_token_counts, is_probe, pooled_features
@@ -137,6 +138,8 @@ class RewardModel:
                 batch_size=batch_size,
                 desc=f"scoring with {self.name}",
             )[0]
+            if self.probe.grounding:
+                features = torch.cat([features, grounding_features(prompts, answers)], -1)
             return self.probe(features).tolist()
         order = sorted(
             range(len(encoded)), key=lambda i: len(encoded[i])

@@ -66,6 +66,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="fine-tune LoRA adapters of this rank (merged into the saved version) instead of all weights",
     )
     parser.add_argument(
+        "--grounding",
+        action="store_true",
+        default=None,
+        help="let the linear probe add grounding features (how much of each answer its prompt "
+        "supports word for word), kept where cross-validation says they help: for prompts that "
+        "carry passages or documents",
+    )
+    parser.add_argument(
         "--counterfactual-weight",
         type=float,
         default=0.0,
@@ -122,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         "validation_fraction": args.validation_fraction,
         "train_top_layers": args.train_top_layers,
         "lora_rank": args.lora_rank,
+        "grounding": args.grounding,
     }
     try:
         config = RewardTrainingConfig(

@@ -1,0 +1,95 @@
+"""Grounding features, and the probe that keeps them only where they rank better."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from datasets import Dataset
+
+from training.grounding import GROUNDING_FEATURES, answer_grounding, grounding_features
+from training.registry import Registry
+from training.reward import RewardModel, RewardTrainingConfig, pairwise_accuracy, train_reward
+
+PROMPT = (
+    "Passages:\nEiffel Tower: The tower is on the Champ de Mars in Paris. It was built in 1889."
+    "\n\nQuestion: Where is the Eiffel Tower?"
+)
+
+
+def feature(values: list[float], name: str) -> float:
+    return values[GROUNDING_FEATURES.index(name)]
+
+
+def test_grounding_counts_what_the_prompt_supports():
+    copied = answer_grounding(PROMPT, "The tower is on the Champ de Mars in Paris.")
+    invented = answer_grounding(PROMPT, "Visitors climb seven hundred steps to reach a cafe.")
+    mixed = answer_grounding(PROMPT, "It was built in 1889. Visitors climb seven hundred steps.")
+    assert feature(copied, "answer word 4-grams in the prompt") == 1.0
+    assert feature(invented, "answer word 4-grams in the prompt") == 0.0
+    assert feature(copied, "sentences with under half their 3-grams in the prompt") == 0.0
+    assert feature(mixed, "sentences with under half their 3-grams in the prompt") == 1.0
+    assert feature(mixed, "answer sentences") == 2.0
+    assert feature(mixed, "least supported sentence (its 3-grams in the prompt)") == 0.0
+    assert feature(copied, "answer 3-grams repeated within the answer") == 0.0
+    repeated = answer_grounding(PROMPT, "it is big, it is big, it is big")
+    assert feature(repeated, "answer 3-grams repeated within the answer") > 0.5
+    # Case and punctuation do not matter; an empty answer has features, not an error.
+    assert answer_grounding(PROMPT.upper(), "the TOWER is on the champ de mars!") == (
+        answer_grounding(PROMPT, "The tower is on the Champ de Mars!")
+    )
+    assert grounding_features([PROMPT, PROMPT], ["", "x"]).shape == (2, len(GROUNDING_FEATURES))
+
+
+def grounded_pairs(n: int, seed: int) -> Dataset:
+    """Each prompt carries two facts; the better answer repeats one of them, the worse one a
+    fact from another prompt. Both come from the same pool of sentences, so what an answer
+    says cannot tell them apart, only whether its prompt supports it."""
+    rng = random.Random(seed)
+    subjects = ["the river", "a doctor", "the city", "an engineer", "the album", "a teacher"]
+    verbs = ["opened", "visited", "described", "replaced", "measured", "answered"]
+    objects = ["the bridge", "a novel", "the station", "a song", "the garden", "a question"]
+
+    def fact() -> str:
+        year = rng.randint(1800, 2020)
+        return f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} in {year}."
+
+    rows: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
+    for i in range(n):
+        own, other = [fact(), fact()], fact()
+        rows["prompt"].append(f"Passages:\n{' '.join(own)}\n\nQuestion: what happened? ({i})")
+        rows["chosen"].append(rng.choice(own))
+        rows["rejected"].append(other)
+    return Dataset.from_dict(rows)
+
+
+@pytest.mark.parametrize("grounding", [True, False])
+def test_the_probe_keeps_grounding_where_it_ranks_better(
+    tmp_path, tiny_reward_backbone_dir, grounding
+):
+    config = RewardTrainingConfig(
+        method="probe", max_length=64, dtype="float32", grounding=grounding
+    )
+    held_out = grounded_pairs(60, 1)
+    result = train_reward(
+        grounded_pairs(160, 0),
+        held_out,
+        Registry(tmp_path / "registry"),
+        str(tiny_reward_backbone_dir),
+        config,
+    )
+    m = result.metrics
+    probe = json.loads((result.version.path / "reward_probe.json").read_text())
+    assert probe["grounding"] is grounding and m["probe_grounding"] is grounding
+    if grounding:
+        # Cross-validation tried every layer with and without them, and kept them.
+        assert {g["grounding"] for g in probe["grid"]} == {False, True}
+        assert m["accuracy_after"] >= 0.9
+    else:
+        assert {g["grounding"] for g in probe["grid"]} == {False}
+        assert m["accuracy_after"] < 0.8
+    # The served version computes the same features from (prompt, answer) when it scores.
+    served = RewardModel.load(result.version.path, dtype="float32")
+    assert served.probe is not None and served.probe.grounding is grounding
+    assert pairwise_accuracy(served, held_out) == pytest.approx(m["accuracy_after"])
