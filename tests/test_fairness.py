@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -113,6 +114,39 @@ def planted(n: int, seed: int, bias: bool) -> Dataset:
     return Dataset.from_dict(rows)
 
 
+def plain_and_penalized(tmp_path, backbone: str, config, penalty_of):
+    """A model trained on the planted bias, one trained with `penalty_of(the training
+    answers' gender variant pairs)`, and their gender gaps on answers about "he"; with the
+    variant pairs and the unrelated (gender-balanced) pairs both were judged on."""
+    gender = load_attributes()["gender"]
+    train, unrelated = planted(160, 0, bias=True), planted(60, 1, bias=False)
+    plain = train_reward(train, unrelated, Registry(tmp_path / "plain"), backbone, config)
+    texts = list(train["chosen"]) + list(train["rejected"])
+    pairs = counterfactual_pairs([gender], list(train["prompt"]) * 2, texts, {})
+    fair = train_reward(
+        train,
+        unrelated,
+        Registry(tmp_path / "fair"),
+        backbone,
+        config,
+        extra_loss=penalty_of(pairs),
+    )
+    answers = [f"he said it is {w}" for w in ["fine", "ok", "so so", "good", "bad", "great"]]
+
+    def gap(result) -> float:
+        model = RewardModel.load(result.version.path, max_length=64, dtype="float32")
+        return reward_gap(model.score, gender, ["question"] * 6, answers).average_gap
+
+    return SimpleNamespace(
+        plain=plain,
+        fair=fair,
+        plain_gap=gap(plain),
+        fair_gap=gap(fair),
+        pairs=pairs,
+        unrelated=unrelated,
+    )
+
+
 def test_penalty_shrinks_a_planted_gender_bias_and_keeps_accuracy(
     tmp_path, tiny_reward_backbone_dir
 ):
@@ -121,10 +155,6 @@ def test_penalty_shrinks_a_planted_gender_bias_and_keeps_accuracy(
     that do not depend on gender (balanced he/she) stays within 0.1."""
     torch.manual_seed(0)  # the outcome must not depend on which tests drew random numbers first
     backbone = str(tiny_reward_backbone_dir)
-    gender = load_attributes()["gender"]
-    train, unrelated = planted(160, 0, bias=True), planted(60, 1, bias=False)
-    probe_prompts = ["question"] * 6
-    probe_answers = [f"he said it is {w}" for w in ["fine", "ok", "so so", "good", "bad", "great"]]
     # Four full epochs in float32: no validation split or early stopping (they would stop
     # on a handful of validation pairs and make the planted bias depend on where).
     config = RewardTrainingConfig(
@@ -137,21 +167,15 @@ def test_penalty_shrinks_a_planted_gender_bias_and_keeps_accuracy(
         dtype="float32",
     )
 
-    plain = train_reward(train, unrelated, Registry(tmp_path / "plain"), backbone, config)
-    texts = list(train["chosen"]) + list(train["rejected"])
-    pairs = counterfactual_pairs([gender], list(train["prompt"]) * 2, texts, {})
-    penalty = CounterfactualPenalty(
-        load_tokenizer(backbone, "right"), pairs, weight=5.0, batch_size=16, max_length=64
+    run = plain_and_penalized(
+        tmp_path,
+        backbone,
+        config,
+        lambda pairs: CounterfactualPenalty(
+            load_tokenizer(backbone, "right"), pairs, weight=5.0, batch_size=16, max_length=64
+        ),
     )
-    fair = train_reward(
-        train, unrelated, Registry(tmp_path / "fair"), backbone, config, extra_loss=penalty
-    )
-
-    def gap(result) -> float:
-        model = RewardModel.load(result.version.path, max_length=64, dtype="float32")
-        return reward_gap(model.score, gender, probe_prompts, probe_answers).average_gap
-
-    plain_gap, fair_gap = gap(plain), gap(fair)
+    plain, fair, plain_gap, fair_gap = run.plain, run.fair, run.plain_gap, run.fair_gap
     print(
         f"gender gap {plain_gap:.3f} -> {fair_gap:.3f}; unrelated accuracy {plain.metrics['accuracy_after']:.3f} -> {fair.metrics['accuracy_after']:.3f}"
     )
@@ -161,7 +185,7 @@ def test_penalty_shrinks_a_planted_gender_bias_and_keeps_accuracy(
     assert fair_gap < 0.25 * plain_gap
     assert fair.metrics["accuracy_after"] >= plain.metrics["accuracy_after"] - 0.1
     assert pairwise_accuracy(
-        RewardModel.load(fair.version.path, max_length=64, dtype="float32"), unrelated
+        RewardModel.load(fair.version.path, max_length=64, dtype="float32"), run.unrelated
     ) == pytest.approx(fair.metrics["accuracy_after"])
 
 
@@ -171,24 +195,16 @@ def test_probe_penalty_shrinks_a_planted_gender_bias_and_keeps_accuracy(
     """The same planted bias, fitted by a linear probe (`--method probe`): the penalty is a term of the probe's objective over the variants' frozen features, and
     the probe learns to ignore the direction in which "he" -> "she" moves them."""
     backbone = str(tiny_reward_backbone_dir)
-    gender = load_attributes()["gender"]
-    train, unrelated = planted(160, 0, bias=True), planted(60, 1, bias=False)
-    probe_prompts = ["question"] * 6
-    probe_answers = [f"he said it is {w}" for w in ["fine", "ok", "so so", "good", "bad", "great"]]
     config = RewardTrainingConfig(method="probe", max_length=64, promote="always", dtype="float32")
-    plain = train_reward(train, unrelated, Registry(tmp_path / "plain"), backbone, config)
-    texts = list(train["chosen"]) + list(train["rejected"])
-    pairs = counterfactual_pairs([gender], list(train["prompt"]) * 2, texts, {})
-    penalty = CounterfactualPenalty(load_tokenizer(backbone, "right"), {"gender": pairs}, 5.0)
-    fair = train_reward(
-        train, unrelated, Registry(tmp_path / "fair"), backbone, config, extra_loss=penalty
+    run = plain_and_penalized(
+        tmp_path,
+        backbone,
+        config,
+        lambda pairs: CounterfactualPenalty(
+            load_tokenizer(backbone, "right"), {"gender": pairs}, 5.0
+        ),
     )
-
-    def gap(result) -> float:
-        model = RewardModel.load(result.version.path, max_length=64, dtype="float32")
-        return reward_gap(model.score, gender, probe_prompts, probe_answers).average_gap
-
-    plain_gap, fair_gap = gap(plain), gap(fair)
+    plain, fair, plain_gap, fair_gap = run.plain, run.fair, run.plain_gap, run.fair_gap
     print(
         f"probe: gender gap {plain_gap:.3f} -> {fair_gap:.3f}; unrelated accuracy "
         f"{plain.metrics['accuracy_after']:.3f} -> {fair.metrics['accuracy_after']:.3f}"
@@ -200,7 +216,7 @@ def test_probe_penalty_shrinks_a_planted_gender_bias_and_keeps_accuracy(
     # What the probe was penalized with is recorded beside how it was chosen.
     config_file = json.loads((fair.version.path / "reward_probe.json").read_text())
     assert config_file["counterfactual_weight"] == 5.0
-    assert config_file["counterfactual_pairs"] == {"gender": min(len(pairs), 512)}
+    assert config_file["counterfactual_pairs"] == {"gender": min(len(run.pairs), 512)}
 
 
 def test_auto_fine_tunes_under_a_counterfactual_penalty(tmp_path, tiny_reward_backbone_dir):
