@@ -492,6 +492,14 @@ def test_the_counterfactual_penalty_needs_fine_tuning(tmp_path, tiny_reward_back
         )
     with pytest.raises(ValueError, match="method must be one of"):
         RewardTrainingConfig(method="lora")
+    # A setting of the other method is refused, not silently ignored.
+    with pytest.raises(ValueError, match="'probe' does not fine-tune"):
+        RewardTrainingConfig(method="probe", lora_rank=8)
+    with pytest.raises(ValueError, match="'probe' does not fine-tune"):
+        RewardTrainingConfig(method="probe", train_top_layers=2)
+    with pytest.raises(ValueError, match="fits no probe"):
+        RewardTrainingConfig(method="finetune", grounding=True)
+    assert RewardTrainingConfig(method="auto", lora_rank=8, grounding=True).grounding
 
 
 def test_auto_keeps_fine_tuning_only_when_clearly_better(tmp_path, tiny_reward_backbone_dir):

@@ -238,6 +238,17 @@ class RewardTrainingConfig:
                 "lora_rank must be 0 or more, and LoRA and train_top_layers exclude each other: "
                 "set one of them"
             )
+        # Settings that shape one method only: silently ignored, they would look applied.
+        if self.method == "probe" and (self.lora_rank or self.train_top_layers):
+            raise ValueError(
+                "lora_rank and train_top_layers shape fine-tuning, and method 'probe' does "
+                "not fine-tune: use method 'finetune' or 'auto', or drop them"
+            )
+        if self.method == "finetune" and self.grounding:
+            raise ValueError(
+                "grounding features are the linear probe's, and method 'finetune' fits no "
+                "probe: use method 'probe' or 'auto', or drop grounding"
+            )
         resolve_dtype(self.dtype)  # refuses an unknown name
 
 
