@@ -93,3 +93,29 @@ def test_the_probe_keeps_grounding_where_it_ranks_better(
     served = RewardModel.load(result.version.path, dtype="float32")
     assert served.probe is not None and served.probe.grounding is grounding
     assert pairwise_accuracy(served, held_out) == pytest.approx(m["accuracy_after"])
+
+
+def test_a_warm_start_keeps_its_parents_grounding_and_reads_only_new_answers(
+    tmp_path, tiny_reward_backbone_dir
+):
+    from datasets import concatenate_datasets
+
+    registry = Registry(tmp_path / "registry")
+    backbone = str(tiny_reward_backbone_dir)
+    old, new, held_out = grounded_pairs(120, 0), grounded_pairs(40, 2), grounded_pairs(60, 1)
+    grounded = RewardTrainingConfig(method="probe", max_length=64, dtype="float32", grounding=True)
+    first = train_reward(old, held_out, registry, backbone, grounded)
+    assert first.metrics["probe_grounding"] is True
+    warm = RewardTrainingConfig(
+        method="probe", max_length=64, dtype="float32", grounding=True, warm_start=True
+    )
+    both = concatenate_datasets([old, new])
+    second = train_reward(both, held_out, registry, backbone, warm)
+    assert second.metrics["probe_grounding"] is True
+    assert second.metrics["answers_read"] == 2 * len(new)  # the parent's features were kept
+    assert second.metrics["accuracy_after"] >= 0.9
+    # A warm start keeps its parent's choice, as it keeps its layer (the loop's retrains
+    # do not know what the first version was trained with).
+    plain = RewardTrainingConfig(method="probe", max_length=64, dtype="float32", warm_start=True)
+    third = train_reward(both, held_out, registry, backbone, plain)
+    assert third.metrics["answers_read"] == 0 and third.metrics["probe_grounding"] is True

@@ -171,7 +171,8 @@ class RewardTrainingConfig:
             "help": "Offer the probe's cross-validation the answers' grounding features "
             "(training/grounding.py: how many of an answer's word n-grams occur in its "
             "prompt, unsupported sentences, repetition), kept only where they lower the "
-            "cross-validated loss; for prompts that carry passages or documents. Off by "
+            "cross-validated loss; for prompts that carry passages or documents (a warm "
+            "start keeps its parent's choice). Off by "
             "default: on FineGrainedRLHF they won on validation and lost on the held-out "
             "questions (docs/benchmarks.md)."
         },
@@ -803,7 +804,9 @@ def _fit_linear_probe(
             answers.setdefault((prompt, chosen), len(answers))
             answers.setdefault((prompt, rejected), len(answers))
     keys = [answer_key(p, a) for p, a in answers]
-    grounding = len(GROUNDING_FEATURES) if config.grounding else 0
+    # A warm start keeps its parent's choice, as it keeps its layer.
+    grounded = parent.grounding if parent is not None else config.grounding
+    grounding = len(GROUNDING_FEATURES) if grounded else 0
     width = int(model.config.hidden_size) + grounding
     cached = FeatureCache.load(Path(start_from), config.max_length) if warm else None
     if cached is not None and cached.features.shape[-1] != width:
