@@ -11,6 +11,7 @@ from datasets import Dataset
 from training.grounding import GROUNDING_FEATURES, answer_grounding, grounding_features
 from training.registry import Registry
 from training.reward import RewardModel, RewardTrainingConfig, pairwise_accuracy, train_reward
+from training.reward_probe import FeatureCache
 
 PROMPT = (
     "Passages:\nEiffel Tower: The tower is on the Champ de Mars in Paris. It was built in 1889."
@@ -93,6 +94,9 @@ def test_the_probe_keeps_grounding_where_it_ranks_better(
     served = RewardModel.load(result.version.path, dtype="float32")
     assert served.probe is not None and served.probe.grounding is grounding
     assert pairwise_accuracy(served, held_out) == pytest.approx(m["accuracy_after"])
+    # The kept features are the columns the probe weighs, for a warm start to reuse.
+    cache = FeatureCache.load(result.version.path, 64)
+    assert cache is not None and cache.features.shape[1] == served.probe.weight.shape[0]
 
 
 def test_a_warm_start_keeps_its_parents_grounding_and_reads_only_new_answers(

@@ -13,7 +13,7 @@ Measured on FineGrainedRLHF's training questions (docs/benchmarks.md): the share
 answer's word 4-grams found in its passages alone ranks 0.59 of the judged pairs right
 (the probe on MiniLM's features: 0.56 by cross-validation). The probe offers these features
 to its cross-validation (training/reward_probe.py `fit_probe`), which keeps them only where
-they lower the held-out loss, so a dataset whose prompts say nothing about the answers
+they lower the cross-validated loss, so a dataset whose prompts say nothing about the answers
 (a chat with no context) loses nothing.
 """
 

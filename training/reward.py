@@ -717,12 +717,17 @@ class _Probed:
     def pairs(self, dataset: Dataset, use_margin: bool) -> JudgedPairs:
         return _judged_pairs(self.answers, dataset, use_margin)
 
-    def rewards(self, rows: torch.Tensor) -> torch.Tensor:
-        """The probe's rewards of these answers (rows of `features`)."""
-        x = self.features[self.layers.index(self.probe.layer)][rows]
+    def probe_features(self) -> torch.Tensor:
+        """[answers, columns]: the chosen layer's features, with the grounding columns only
+        where the probe kept them."""
+        x = self.features[self.layers.index(self.probe.layer)]
         if self.grounding and not self.probe.grounding:
             x = x[:, : x.shape[1] - self.grounding]
-        return self.probe(x)
+        return x
+
+    def rewards(self, rows: torch.Tensor) -> torch.Tensor:
+        """The probe's rewards of these answers (rows of `features`)."""
+        return self.probe(self.probe_features()[rows])
 
     def refit(self, datasets: Sequence[Dataset], use_margin: bool) -> None:
         """The chosen layer and l2 again, on more pairs (the validation split's too)."""
@@ -751,9 +756,9 @@ class _Probed:
         self.model.float().save_pretrained(staged)  # scoring casts to its own precision
         self.tokenizer.save_pretrained(staged)
         self.probe.save(staged)
-        layer = self.layers.index(self.probe.layer)
         keys = [answer_key(p, a) for p, a in self.answers]
-        FeatureCache(dict(zip(keys, range(len(keys)), strict=True)), self.features[layer]).save(
+        # The columns the probe uses, so that a warm start (which keeps its choice) reuses them.
+        FeatureCache(dict(zip(keys, range(len(keys)), strict=True)), self.probe_features()).save(
             staged, max_length
         )
 
@@ -810,7 +815,7 @@ def _fit_linear_probe(
     width = int(model.config.hidden_size) + grounding
     cached = FeatureCache.load(Path(start_from), config.max_length) if warm else None
     if cached is not None and cached.features.shape[-1] != width:
-        cached = None  # kept with or without grounding columns: read everything again
+        cached = None  # a cache from another layout (older versions): read everything again
     missing = [i for i, key in enumerate(keys) if cached is None or key not in cached.rows]
     texts = list(answers)
     encoded = [format_reward_input(tokenizer, *texts[i], config.max_length) for i in missing]
