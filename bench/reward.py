@@ -178,6 +178,12 @@ def main() -> None:
         help="override: offer the probe grounding features (training/grounding.py)",
     )
     parser.add_argument(
+        "--consensus",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="override: offer the probe the consensus column (training/consensus.py)",
+    )
+    parser.add_argument(
         "--passage-chars",
         type=int,
         default=0,
@@ -225,6 +231,7 @@ def main() -> None:
         "lora_rank": args.lora_rank,
         "seed": args.seed,
         "grounding": args.grounding,
+        "consensus": args.consensus,
     }
     for name in args.presets.split(","):
         if name in PLAIN_TRL:
@@ -261,7 +268,7 @@ def main() -> None:
         )
         print(
             f"  training: {m['steps']} steps ({m['epochs']:.2f} epochs, best at step {m['best_step']}, "
-            f"stopped early: {m['stopped_early']}, probe layer {m.get('probe_layer')} l2 {m.get('probe_l2')} grounding {m.get('probe_grounding')}), {m['seconds']:.0f} s, {m['pairs_per_second']:.1f} pairs/s; "
+            f"stopped early: {m['stopped_early']}, probe layer {m.get('probe_layer')} l2 {m.get('probe_l2')} grounding {m.get('probe_grounding')} consensus {m.get('probe_consensus')}), {m['seconds']:.0f} s, {m['pairs_per_second']:.1f} pairs/s; "
             f"wall time with evaluation {wall / 60:.1f} min; peak memory {peak_memory_gb():.2f} GB"
         )
 

@@ -29,6 +29,7 @@ from training.datasets import preference_dataset
 from training.feedback import parse_export
 from training.registry import Registry
 from training.reward import RewardModel, pair_key, trained_pairs
+from training.reward_eval import reward_differences
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,9 @@ def live_accuracy(tasks: list[dict], config: str, registry: Registry) -> dict[st
         return {}
     fresh = pairs.select(keep)
     model = RewardModel.load(reward.path)
-    chosen = model.score(fresh["prompt"], fresh["chosen"])
-    rejected = model.score(fresh["prompt"], fresh["rejected"])
-    right = sum(
-        1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected, strict=True)
-    )
+    # Both answers of every pair in one call, as the suggestions score them.
+    difference = reward_differences(model.score, fresh)
+    right = float((difference > 0).sum() + 0.5 * (difference == 0).sum())
     return {
         LIVE_ACCURACY: right / len(fresh),
         "fresh_pairs": len(fresh),

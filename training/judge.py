@@ -62,10 +62,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from datasets import Dataset
 
 from training.finegrained import DEFAULT_PATH, finegrained_split, load_finegrained, preference_pairs
 from training.registry import Registry
 from training.reward import RewardModel, RewardTrainingConfig, train_reward
+from training.reward_eval import reward_differences
 
 HUMAN_AGREEMENT = 0.726  # InstructGPT (Ouyang et al., 2022), agreement among training labelers
 JUDGE_FILE = "judge.json"
@@ -139,11 +141,11 @@ def degenerate_pairs(
 
 def degenerate_accuracy(model: RewardModel, pairs: Sequence[dict[str, str]]) -> dict[str, float]:
     """Per kind, the share of `degenerate_pairs` where `model` scores the real answer higher."""
-    chosen = model.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
-    rejected = model.score([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+    # Every answer in one call, as the suggestions score a task's answers together.
+    difference = reward_differences(model.score, Dataset.from_list(list(pairs)))
     hits: dict[str, list[bool]] = {}
-    for pair, c, r in zip(pairs, chosen, rejected, strict=True):
-        hits.setdefault(pair["kind"], []).append(c > r)
+    for pair, d in zip(pairs, difference, strict=True):
+        hits.setdefault(pair["kind"], []).append(bool(d > 0))
     return {kind: round(sum(v) / len(v), 4) for kind, v in hits.items()}
 
 

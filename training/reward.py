@@ -48,6 +48,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
+from training.consensus import consensus
 from training.distributed import (
     from_main_process,
     is_main_process,
@@ -175,6 +176,17 @@ class RewardTrainingConfig:
             "start keeps its parent's choice). Off by "
             "default: on FineGrainedRLHF they won on validation and lost on the held-out "
             "questions (docs/benchmarks.md)."
+        },
+    )
+    consensus: bool = field(
+        default=True,
+        metadata={
+            "help": "Offer the probe's cross-validation each answer's consensus with the "
+            "other answers to its prompt (training/consensus.py: self-consistency), kept "
+            "only where it lowers the cross-validated loss; it ranks answers within a "
+            "prompt that has three or more, and is 0 for a prompt with one or two (a warm "
+            "start keeps its parent's choice). On FineGrainedRLHF it won by "
+            "cross-validation and on the validation questions (docs/benchmarks.md)."
         },
     )
     validation_fraction: float = field(
@@ -717,17 +729,25 @@ class _Probed:
     def pairs(self, dataset: Dataset, use_margin: bool) -> JudgedPairs:
         return _judged_pairs(self.answers, dataset, use_margin)
 
-    def probe_features(self) -> torch.Tensor:
+    def probe_features(self, with_consensus: bool = True) -> torch.Tensor:
         """[answers, columns]: the chosen layer's features, with the grounding columns only
-        where the probe kept them."""
+        where the probe kept them, and its consensus column (over every answer read) where
+        it kept that and `with_consensus`."""
         x = self.features[self.layers.index(self.probe.layer)]
         if self.grounding and not self.probe.grounding:
             x = x[:, : x.shape[1] - self.grounding]
+        if with_consensus and self.probe.consensus:
+            hidden = x[:, : self.features.shape[-1] - self.grounding]
+            x = torch.cat([x, consensus([p for p, _ in self.answers], hidden)[:, None]], -1)
         return x
 
     def rewards(self, rows: torch.Tensor) -> torch.Tensor:
         """The probe's rewards of these answers (rows of `features`)."""
         return self.probe(self.probe_features()[rows])
+
+    def prompts(self) -> list[str]:
+        """The prompt of each row of `features`."""
+        return [p for p, _ in self.answers]
 
     def refit(self, datasets: Sequence[Dataset], use_margin: bool) -> None:
         """The chosen layer and l2 again, on more pairs (the validation split's too)."""
@@ -748,6 +768,8 @@ class _Probed:
             self.variants,
             self.grounding,
             self.probe.grounding,
+            self.prompts() if self.probe.consensus else None,
+            self.probe.consensus,
         )
         refitted.selection = {**selection, "refitted_on_pairs": len(joined)}
         self.probe = refitted
@@ -757,10 +779,11 @@ class _Probed:
         self.tokenizer.save_pretrained(staged)
         self.probe.save(staged)
         keys = [answer_key(p, a) for p, a in self.answers]
-        # The columns the probe uses, so that a warm start (which keeps its choice) reuses them.
-        FeatureCache(dict(zip(keys, range(len(keys)), strict=True)), self.probe_features()).save(
-            staged, max_length
-        )
+        # The columns the probe uses, so that a warm start (which keeps its choice) reuses them;
+        # not consensus, which depends on every answer of a prompt and is computed anew.
+        FeatureCache(
+            dict(zip(keys, range(len(keys)), strict=True)), self.probe_features(False)
+        ).save(staged, max_length)
 
     def metrics(self, fit_pairs: int) -> dict[str, Any]:
         return {
@@ -771,6 +794,7 @@ class _Probed:
             "probe_layer": self.probe.layer,
             "probe_l2": self.probe.selection["l2"],
             "probe_grounding": self.probe.grounding,
+            "probe_consensus": self.probe.consensus,
             "probe_cross_validation_loss": self.probe.selection["cross_validation_loss"],
             "answers_read": self.read,
             "seconds": round(self.seconds, 2),
@@ -812,6 +836,7 @@ def _fit_linear_probe(
     # A warm start keeps its parent's choice, as it keeps its layer.
     grounded = parent.grounding if parent is not None else config.grounding
     grounding = len(GROUNDING_FEATURES) if grounded else 0
+    offered = parent.consensus if parent is not None else config.consensus
     width = int(model.config.hidden_size) + grounding
     cached = FeatureCache.load(Path(start_from), config.max_length) if warm else None
     if cached is not None and cached.features.shape[-1] != width:
@@ -841,6 +866,8 @@ def _fit_linear_probe(
         variants=variants,
         grounding=grounding,
         use_grounding=parent.grounding if parent is not None else None,
+        prompts=[p for p, _ in answers] if offered else None,
+        use_consensus=parent.consensus if parent is not None else None,
     )
     return _Probed(
         probe,

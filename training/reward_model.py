@@ -28,6 +28,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from training.consensus import consensus
 from training.grounding import grounding_features
 from training.models import load_backbone, load_sequence_classifier
 from training.reward_eval import reward_differences
@@ -121,7 +122,12 @@ class RewardModel:
     def score(
         self, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32
     ) -> list[float]:
-        """The reward of each (prompt, answer), in input order."""
+        """The reward of each (prompt, answer), in input order.
+
+        A probe that kept the consensus column (training/consensus.py) ranks the answers to
+        one prompt by how much each agrees with the others in this call: score a prompt's
+        answers together, as a ranking task shows them; alone or in pairs their consensus
+        is 0."""
         encoded = self.encode(prompts, answers)
         if self.probe is not None:
             last = (
@@ -138,9 +144,12 @@ class RewardModel:
                 batch_size=batch_size,
                 desc=f"scoring with {self.name}",
             )[0]
+            columns = [features]
             if self.probe.grounding:
-                features = torch.cat([features, grounding_features(prompts, answers)], -1)
-            return self.probe(features).tolist()
+                columns.append(grounding_features(prompts, answers))
+            if self.probe.consensus:
+                columns.append(consensus(prompts, features)[:, None])
+            return self.probe(torch.cat(columns, -1)).tolist()
         order = sorted(
             range(len(encoded)), key=lambda i: len(encoded[i])
         )  # similar lengths: less padding

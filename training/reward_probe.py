@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from training.consensus import consensus as consensus_column
+
 PROBE_CONFIG = "reward_probe.json"
 PROBE_WEIGHTS = "reward_probe.safetensors"
 PROBE_FEATURES = "reward_probe_features.safetensors"
@@ -43,12 +46,12 @@ PROBE_FEATURES = "reward_probe_features.safetensors"
 # a few thousand pairs, hundreds of dimensions.
 L2_GRID = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 DEFAULT_L2 = 1.0
-# Grounding features (a handful of columns beside hundreds of the backbone's) are shrunk
-# 32x less than the backbone's: under one strength they were shrunk away with them. On
-# FineGrainedRLHF's training questions, by cross-validation: 0.570 with the same strength,
-# 0.578 at 8x less, 0.583 at 32x less (docs/benchmarks.md). As a scale on their
-# standardized values, sqrt(32).
-GROUNDING_SCALE = 32**0.5
+# Feature columns beside the backbone's (grounding, consensus: a handful beside hundreds)
+# are shrunk 32x less than the backbone's: under one strength they were shrunk away with
+# them. On FineGrainedRLHF's training questions, by cross-validation: grounding 0.570 with
+# the same strength, 0.578 at 8x less, 0.583 at 32x less; consensus 0.576 at 1x, 0.603 at
+# 8x, 0.602 at 32x (docs/benchmarks.md). As a scale on their standardized values, sqrt(32).
+FEATURE_COLUMN_SCALE = 32**0.5
 FOLDS = 5
 POOLINGS = ("answer", "mean")
 
@@ -60,13 +63,16 @@ def is_probe(path: str | Path) -> bool:
 @dataclass
 class LinearProbe:
     """reward = weight . features + bias: features = mean_pool(hidden_states[layer]), followed
-    by the answer's grounding features (training/grounding.py) where `grounding` is set."""
+    by the answer's grounding features (training/grounding.py) where `grounding` is set, then
+    its consensus with the other answers to its prompt (training/consensus.py) where
+    `consensus` is set."""
 
     layer: int
     weight: torch.Tensor
     bias: float
     pooling: str = "answer"  # over the answer's tokens ("answer") or every token ("mean")
     grounding: bool = False
+    consensus: bool = False
     selection: dict[str, Any] = field(default_factory=dict)  # how layer and l2 were chosen
 
     def save(self, folder: Path) -> None:
@@ -78,6 +84,7 @@ class LinearProbe:
                     "pooling": self.pooling,
                     "bias": self.bias,
                     "grounding": self.grounding,
+                    "consensus": self.consensus,
                     **self.selection,
                 },
                 indent=2,
@@ -93,14 +100,16 @@ class LinearProbe:
                 f"{folder / PROBE_CONFIG}: pooling {pooling!r} is not one of {', '.join(POOLINGS)}"
             )
         weight = load_file(str(folder / PROBE_WEIGHTS))["weight"]
-        own = ("layer", "pooling", "bias", "grounding")
+        own = ("layer", "pooling", "bias", "grounding", "consensus")
         selection = {k: v for k, v in config.items() if k not in own}
         return cls(
             int(config["layer"]),
             weight,
             float(config["bias"]),
             pooling,
-            bool(config.get("grounding", False)),  # versions before grounding features had none
+            # Versions from before these feature columns had none.
+            bool(config.get("grounding", False)),
+            bool(config.get("consensus", False)),
             selection,
         )
 
@@ -310,6 +319,8 @@ def fit_probe(
     variants: CounterfactualVariants | None = None,
     grounding: int = 0,
     use_grounding: bool | None = None,
+    prompts: Sequence[str] | None = None,
+    use_consensus: bool | None = None,
 ) -> LinearProbe:
     """Choose the layer and L2 strength by cross-validation over prompts, refit on all pairs.
 
@@ -319,42 +330,81 @@ def fit_probe(
     once), and with a few hundred prompts it is far less noisy than one validation split.
     With `layer` given (a warm start keeps its layer), only l2 is chosen. With `variants`,
     every fit adds their counterfactual penalty; the choice is still by the judged pairs'
-    loss alone. The last `grounding` columns of `features` are the answers' grounding
-    features (training/grounding.py): every layer is tried with and without them, unless
-    `use_grounding` says which (a warm start keeps its parent's choice)."""
+    loss alone.
+
+    Feature columns beside the backbone's are tried on and off with every layer, unless
+    `use_...` says which (a warm start keeps its parent's choice):
+    - the last `grounding` columns of `features` are the answers' grounding features
+      (training/grounding.py);
+    - with `prompts` (the prompt of each row of `features`), the consensus column
+      (training/consensus.py), computed from each layer's own features; tried only where
+      some prompt has three answers or more."""
     rows = torch.unique(torch.cat([pairs.chosen, pairs.rejected]))
     layer_candidates = [layer] if layer is not None else list(layers)
-    uses = [use_grounding] if use_grounding is not None else [False, True]
-    candidates = [(c, use) for c in layer_candidates for use in (uses if grounding else [False])]
+    grounding_uses = (
+        [False]
+        if not grounding
+        else [use_grounding]
+        if use_grounding is not None
+        else [False, True]
+    )
+    # Consensus is 0 wherever a prompt has fewer than three answers: not worth a try there.
+    siblings = prompts is not None and max(Counter(prompts).values(), default=0) >= 3
+    consensus_uses = (
+        [False]
+        if prompts is None
+        else [use_consensus]
+        if use_consensus is not None
+        else [False, True]
+        if siblings
+        else [False]
+    )
+    candidates = [
+        (c, g, k) for c in layer_candidates for g in grounding_uses for k in consensus_uses
+    ]
     folds = [
         f
         for f in torch.unique(pairs.fold).tolist()
         if 0 < int((pairs.fold == f).sum()) < len(pairs)
     ]
+    hidden = features.shape[-1] - grounding
 
-    def columns(x: torch.Tensor, use: bool) -> torch.Tensor:
-        return x if use or not grounding else x[..., : x.shape[-1] - grounding]
+    def columns(
+        x: torch.Tensor, use_g: bool, use_c: bool, of: Sequence[str] | None
+    ) -> torch.Tensor:
+        """The backbone's columns, then the grounding and consensus ones in use (`of`: the
+        rows' prompts; None: no siblings known, consensus 0)."""
+        parts = [x[..., : hidden + (grounding if use_g else 0)]]
+        if use_c:
+            parts.append(
+                consensus_column(of, x[:, :hidden])[:, None]
+                if of is not None
+                else torch.zeros(len(x), 1)
+            )
+        return torch.cat(parts, -1)
 
-    def design(index: int, use: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = columns(features[index], use)
+    def design(
+        index: int, use_g: bool, use_c: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = columns(features[index], use_g, use_c, prompts)
         center, scale = x[rows].mean(0), x[rows].std(0) + 1e-6
-        if use:
-            scale[-grounding:] /= GROUNDING_SCALE
+        scale[hidden:] /= FEATURE_COLUMN_SCALE
         return (x - center) / scale, center, scale
 
     def penalty_at(
-        index: int, use: bool, center: torch.Tensor, scale: torch.Tensor
+        index: int, use_g: bool, use_c: bool, center: torch.Tensor, scale: torch.Tensor
     ) -> _Penalty | None:
         if variants is None or not len(variants):
             return None
-        v = (columns(variants.features[index], use) - center) / scale
+        # A variant pair is two texts of one prompt: no siblings to agree with, consensus 0.
+        v = (columns(variants.features[index], use_g, use_c, None) - center) / scale
         return _Penalty(v[variants.first] - v[variants.second], variants.attribute, variants.weight)
 
     grid: list[dict[str, Any]] = []
-    for candidate, use in candidates:
+    for candidate, use_g, use_c in candidates:
         index = list(layers).index(candidate)
-        z, center, scale = design(index, use)
-        penalty = penalty_at(index, use, center, scale)
+        z, center, scale = design(index, use_g, use_c)
+        penalty = penalty_at(index, use_g, use_c, center, scale)
         for l2 in l2_grid if folds else ():
             scores = [
                 _loss_and_accuracy(
@@ -367,7 +417,8 @@ def fit_probe(
             grid.append(
                 {
                     "layer": candidate,
-                    "grounding": use,
+                    "grounding": use_g,
+                    "consensus": use_c,
                     "l2": l2,
                     "loss": sum(s[0] for s in scores) / len(scores),
                     "accuracy": sum(s[1] for s in scores) / len(scores),
@@ -377,12 +428,18 @@ def fit_probe(
     best = (
         min(grid, key=lambda g: g["loss"])
         if grid
-        else {"layer": candidates[0][0], "grounding": candidates[0][1], "l2": DEFAULT_L2}
+        else {
+            "layer": candidates[0][0],
+            "grounding": candidates[0][1],
+            "consensus": candidates[0][2],
+            "l2": DEFAULT_L2,
+        }
     )
-    chosen_layer, use, l2 = int(best["layer"]), bool(best["grounding"]), float(best["l2"])
+    chosen_layer, l2 = int(best["layer"]), float(best["l2"])
+    use_g, use_c = bool(best["grounding"]), bool(best["consensus"])
     index = list(layers).index(chosen_layer)
-    z, center, scale = design(index, use)
-    penalty = penalty_at(index, use, center, scale)
+    z, center, scale = design(index, use_g, use_c)
+    penalty = penalty_at(index, use_g, use_c, center, scale)
     w = _fit(z, pairs, l2, penalty)
     # Fold the standardization in: reward = (x - center) / scale . w = x . (w / scale) - center . (w / scale)
     weight = w / scale
@@ -399,7 +456,12 @@ def fit_probe(
             name: int((variants.attribute == i).sum()) for i, name in enumerate(variants.names)
         }
     return LinearProbe(
-        chosen_layer, weight, -float(center @ weight), grounding=use, selection=selection
+        chosen_layer,
+        weight,
+        -float(center @ weight),
+        grounding=use_g,
+        consensus=use_c,
+        selection=selection,
     )
 
 

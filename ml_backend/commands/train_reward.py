@@ -74,6 +74,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "carry passages or documents",
     )
     parser.add_argument(
+        "--consensus",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="let the linear probe add each answer's agreement with the other answers to its "
+        "prompt (self-consistency), kept where cross-validation says it helps; it ranks only "
+        "prompts with three or more answers (default: on)",
+    )
+    parser.add_argument(
         "--counterfactual-weight",
         type=float,
         default=0.0,
@@ -131,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         "train_top_layers": args.train_top_layers,
         "lora_rank": args.lora_rank,
         "grounding": args.grounding,
+        "consensus": args.consensus,
     }
     try:
         config = RewardTrainingConfig(
