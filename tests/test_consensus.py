@@ -126,3 +126,29 @@ def test_pairs_alone_do_not_try_consensus(tmp_path, tiny_reward_backbone_dir):
     probe = json.loads((result.version.path / "reward_probe.json").read_text())
     assert probe["consensus"] is False
     assert {g["consensus"] for g in probe["grid"]} == {False}
+
+
+def test_a_warm_start_keeps_consensus_and_computes_it_over_old_and_new_answers(
+    tmp_path, tiny_reward_backbone_dir
+):
+    from datasets import concatenate_datasets
+
+    registry = Registry(tmp_path / "registry")
+    backbone = str(tiny_reward_backbone_dir)
+    old, held_out = majority_pairs(100, 0), majority_pairs(40, 1)
+    config = RewardTrainingConfig(method="probe", max_length=64, dtype="float32")
+    first = train_reward(old, held_out, registry, backbone, config)
+    assert first.metrics["probe_consensus"] is True
+    # New answers to the old prompts: one more way of saying each prompt's majority fact.
+    new = Dataset.from_dict(
+        {
+            "prompt": old["prompt"][::3],
+            "chosen": [c.replace(".", ", as I said.") for c in old["chosen"][::3]],
+            "rejected": old["rejected"][::3],
+        }
+    )
+    warm = RewardTrainingConfig(method="probe", max_length=64, dtype="float32", warm_start=True)
+    second = train_reward(concatenate_datasets([old, new]), held_out, registry, backbone, warm)
+    assert second.metrics["probe_consensus"] is True
+    assert second.metrics["answers_read"] == len(new)  # only the new answers were read
+    assert second.metrics["accuracy_after"] >= 0.9

@@ -310,6 +310,14 @@ def bradley_terry_figures(difference: torch.Tensor, margin: torch.Tensor) -> tup
     return loss, float((difference > 0).float().mean())
 
 
+def _uses(offered: bool, kept: bool | None) -> list[bool]:
+    """Whether to try a group of feature columns without and with: not where it is not
+    offered, the parent's choice where a warm start keeps one."""
+    if not offered:
+        return [False]
+    return [kept] if kept is not None else [False, True]
+
+
 def fit_probe(
     features: torch.Tensor,
     layers: Sequence[int],
@@ -341,23 +349,11 @@ def fit_probe(
       some prompt has three answers or more."""
     rows = torch.unique(torch.cat([pairs.chosen, pairs.rejected]))
     layer_candidates = [layer] if layer is not None else list(layers)
-    grounding_uses = (
-        [False]
-        if not grounding
-        else [use_grounding]
-        if use_grounding is not None
-        else [False, True]
-    )
+    grounding_uses = _uses(bool(grounding), use_grounding)
     # Consensus is 0 wherever a prompt has fewer than three answers: not worth a try there.
     siblings = prompts is not None and max(Counter(prompts).values(), default=0) >= 3
-    consensus_uses = (
-        [False]
-        if prompts is None
-        else [use_consensus]
-        if use_consensus is not None
-        else [False, True]
-        if siblings
-        else [False]
+    consensus_uses = _uses(
+        prompts is not None and (siblings or use_consensus is not None), use_consensus
     )
     candidates = [
         (c, g, k) for c in layer_candidates for g in grounding_uses for k in consensus_uses
