@@ -73,9 +73,7 @@ def majority_pairs(n: int, seed: int) -> Dataset:
 def test_the_probe_keeps_consensus_where_it_ranks_better(
     tmp_path, tiny_reward_backbone_dir, offered
 ):
-    config = RewardTrainingConfig(
-        method="probe", max_length=64, dtype="float32", consensus=offered
-    )
+    config = RewardTrainingConfig(method="probe", max_length=64, dtype="float32", consensus=offered)
     held_out = majority_pairs(40, 1)
     result = train_reward(
         majority_pairs(120, 0),
