@@ -225,3 +225,24 @@ def served(settings, label_studio, start_backend, tiny_reward_backbone_dir, monk
         monkeypatch.setenv(key, value)
     backend = start_backend(settings)
     return backend, f"policy-base+{version.label}"
+
+
+@pytest.fixture
+def fit_tiny_probe(tmp_path, tiny_reward_backbone_dir):
+    """fit(train, held_out, **config) -> (result, its reward_probe.json): a linear probe on
+    the tiny backbone through `train_reward`, as the CLI trains one."""
+    import json
+
+    from training.reward import RewardTrainingConfig, train_reward
+
+    def fit(train, held_out, **config):
+        result = train_reward(
+            train,
+            held_out,
+            Registry(tmp_path / "registry"),
+            str(tiny_reward_backbone_dir),
+            RewardTrainingConfig(method="probe", max_length=64, dtype="float32", **config),
+        )
+        return result, json.loads((result.version.path / "reward_probe.json").read_text())
+
+    return fit

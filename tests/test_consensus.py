@@ -3,7 +3,6 @@ ranks better."""
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
@@ -70,20 +69,10 @@ def majority_pairs(n: int, seed: int) -> Dataset:
 
 
 @pytest.mark.parametrize("offered", [True, False])
-def test_the_probe_keeps_consensus_where_it_ranks_better(
-    tmp_path, tiny_reward_backbone_dir, offered
-):
-    config = RewardTrainingConfig(method="probe", max_length=64, dtype="float32", consensus=offered)
+def test_the_probe_keeps_consensus_where_it_ranks_better(fit_tiny_probe, offered):
     held_out = majority_pairs(40, 1)
-    result = train_reward(
-        majority_pairs(120, 0),
-        held_out,
-        Registry(tmp_path / "registry"),
-        str(tiny_reward_backbone_dir),
-        config,
-    )
+    result, probe = fit_tiny_probe(majority_pairs(120, 0), held_out, consensus=offered)
     m = result.metrics
-    probe = json.loads((result.version.path / "reward_probe.json").read_text())
     assert probe["consensus"] is offered and m["probe_consensus"] is offered
     assert {g["consensus"] for g in probe["grid"]} == ({False, True} if offered else {False})
     if offered:
@@ -110,18 +99,11 @@ def test_the_probe_keeps_consensus_where_it_ranks_better(
         assert abs(apart[0] - apart[1]) < abs(together[0] - together[3])
 
 
-def test_pairs_alone_do_not_try_consensus(tmp_path, tiny_reward_backbone_dir):
+def test_pairs_alone_do_not_try_consensus(fit_tiny_probe):
     """Two answers per prompt (a plain pairwise export): consensus would be 0 everywhere,
     so cross-validation does not spend fits on it."""
-    data = majority_pairs(60, 0).select(range(0, 180, 3))  # one pair per prompt
-    result = train_reward(
-        data,
-        majority_pairs(20, 1),
-        Registry(tmp_path / "registry"),
-        str(tiny_reward_backbone_dir),
-        RewardTrainingConfig(method="probe", max_length=64, dtype="float32"),
-    )
-    probe = json.loads((result.version.path / "reward_probe.json").read_text())
+    one_pair_each = majority_pairs(60, 0).select(range(0, 180, 3))
+    _, probe = fit_tiny_probe(one_pair_each, majority_pairs(20, 1))
     assert probe["consensus"] is False
     assert {g["consensus"] for g in probe["grid"]} == {False}
 

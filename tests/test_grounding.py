@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
@@ -66,22 +65,10 @@ def grounded_pairs(n: int, seed: int) -> Dataset:
 
 
 @pytest.mark.parametrize("grounding", [True, False])
-def test_the_probe_keeps_grounding_where_it_ranks_better(
-    tmp_path, tiny_reward_backbone_dir, grounding
-):
-    config = RewardTrainingConfig(
-        method="probe", max_length=64, dtype="float32", grounding=grounding
-    )
+def test_the_probe_keeps_grounding_where_it_ranks_better(fit_tiny_probe, grounding):
     held_out = grounded_pairs(60, 1)
-    result = train_reward(
-        grounded_pairs(160, 0),
-        held_out,
-        Registry(tmp_path / "registry"),
-        str(tiny_reward_backbone_dir),
-        config,
-    )
+    result, probe = fit_tiny_probe(grounded_pairs(160, 0), held_out, grounding=grounding)
     m = result.metrics
-    probe = json.loads((result.version.path / "reward_probe.json").read_text())
     assert probe["grounding"] is grounding and m["probe_grounding"] is grounding
     if grounding:
         # Cross-validation tried every layer with and without them, and kept them.
